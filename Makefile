@@ -1,0 +1,81 @@
+# The course's verbs. Each target is a line or two calling the package or a script.
+# Newcomers need two: `make course` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MONTH ?= 2021-02
+TAXI ?= green
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+
+.PHONY: help venv kernel course test test-unit test-notebooks services-up services-down services-status \
+        data train build serve predict stream-run invoke-server score backfill deploy \
+        bench-web bench-stream bench-batch clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+# --- environment ---------------------------------------------------------------
+venv: $(STAMP) ## create .venv with the pinned dependencies (idempotent)
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name ride-duration --display-name "Python (ride-duration)" >/dev/null
+	@touch $@
+
+kernel: venv ## also register the kernel for your user's Jupyter
+	$(PY) -m ipykernel install --user --name ride-duration --display-name "Python (ride-duration)"
+
+# --- the two commands ----------------------------------------------------------
+course: venv services-up data train ## the whole course, end to end
+	$(PY) scripts/run_course.py $(NOTEBOOKS)
+
+test: venv ## unit + integration tests and nbval over every notebook
+	$(PY) scripts/run_tests.py
+
+# --- local stack ---------------------------------------------------------------
+services-up: venv ## start S3+Kinesis (4566), MLflow (5000), Prefect (4200)
+	$(PY) -m ride_duration.stack up
+services-down: venv ## stop them (S3 is saved to .local/s3 first)
+	$(PY) -m ride_duration.stack down
+services-status: venv
+	$(PY) -m ride_duration.stack status
+
+# --- part 1-2: data, model, registry -----------------------------------------
+data: venv ## fetch green 2021-01/02 + zones (TLC_MIRROR, checksums, fallback)
+	$(PY) -m ride_duration.data
+train: venv ## train, log to MLflow, register and promote
+	$(PY) scripts/train.py --promote
+build: venv ## sdist + wheel into dist/, checked by twine
+	$(PY) -m build --outdir dist . && $(PY) -m twine check dist/*
+
+# --- part 3: web service -------------------------------------------------------
+serve: venv ## gunicorn on :9696 with the production model
+	$(PY) -m ride_duration.web serve
+predict: venv ## post the example ride to the web service
+	$(PY) scripts/predict_client.py --host localhost:9696
+bench-web: venv
+	$(PY) scripts/bench_web.py
+
+# --- part 4: streaming ---------------------------------------------------------
+stream-run: venv ## the local Kinesis event-source runner
+	$(PY) -m ride_duration.stream run
+invoke-server: venv ## the local Lambda invoke endpoint on :8080
+	$(PY) -m ride_duration.stream invoke-server
+bench-stream: venv
+	$(PY) scripts/bench_stream.py
+
+# --- part 5: batch -------------------------------------------------------------
+score: venv ## papermill report for MONTH=YYYY-MM into reports/
+	$(PY) scripts/score_report.py --taxi-type $(TAXI) --month $(MONTH)
+backfill: venv
+	$(PY) scripts/score_backfill.py --taxi-type $(TAXI) --start 2021-01 --end 2021-02
+deploy: venv ## create the `monthly` Prefect deployment and serve its runs
+	$(PY) -m ride_duration.batch deploy
+bench-batch: venv
+	$(PY) scripts/bench_batch.py
+
+clean:
+	rm -rf dist build *.egg-info reports .pytest_cache

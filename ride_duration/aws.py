@@ -1,0 +1,78 @@
+"""AWS clients, made once here.
+
+boto3 already honours `AWS_ENDPOINT_URL` (and per-service `AWS_ENDPOINT_URL_S3`,
+`AWS_ENDPOINT_URL_KINESIS`); we pass the endpoint explicitly anyway so that the
+value read by `config` is the one used, and pandas/s3fs get the same endpoint.
+With the variables unset, everything falls back to the user's AWS profile.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+from .config import Settings, get_settings
+
+# The local stack accepts any credentials; AWS never sees these.
+LOCAL_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+}
+
+
+def use_local_stack(endpoint_url: str, region: str = "eu-west-1", mlflow_uri: str | None = None) -> dict:
+    """Point this process (and its children) at the local stack.
+
+    Returns the variables it set, so a caller can write them to a `.env`.
+    Dummy credentials are set only here, never when talking to AWS.
+    """
+    values = {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint_url,
+        "AWS_DEFAULT_REGION": region,
+        **LOCAL_CREDENTIALS,
+    }
+    if mlflow_uri:
+        values["MLFLOW_TRACKING_URI"] = mlflow_uri
+    os.environ.update(values)
+    return values
+
+
+def _client_kwargs(settings: Settings, service: str) -> dict:
+    kwargs = {"region_name": settings.aws_region}
+    specific = os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}")
+    endpoint = specific or settings.aws_endpoint_url
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    return kwargs
+
+
+def client(service: str, settings: Settings | None = None):
+    import boto3
+
+    settings = settings or get_settings()
+    return boto3.session.Session().client(service, **_client_kwargs(settings, service))
+
+
+def s3_client(settings: Settings | None = None):
+    return client("s3", settings)
+
+
+def kinesis_client(settings: Settings | None = None):
+    return client("kinesis", settings)
+
+
+def storage_options(path: str, settings: Settings | None = None) -> dict | None:
+    """`storage_options` for pandas on an `s3://` path (None for other paths)."""
+    if not str(path).startswith("s3://"):
+        return None
+    settings = settings or get_settings()
+    kwargs = _client_kwargs(settings, "s3")
+    return {"client_kwargs": kwargs}
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    return parsed.netloc, parsed.path.lstrip("/")

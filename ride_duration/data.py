@@ -1,0 +1,279 @@
+"""NYC TLC monthly trip files: official URL, mirror, checksums, synthetic fallback.
+
+Order of sources for a month: the verified cache, the mirror (`TLC_MIRROR`, a
+folder or a URL prefix), the official CloudFront URL. If none answers and the
+synthetic fallback is allowed (`TLC_SYNTHETIC_FALLBACK`, on by default), a
+synthetic month with the same 20-column schema is written under a name that
+says so, and a loud warning says results will not match the course.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+BASE_URL = "https://d37ci6vzurychx.cloudfront.net/trip-data"
+ZONES_URL = "https://d37ci6vzurychx.cloudfront.net/misc/taxi_zone_lookup.csv"
+# The 2022 course read from s3.amazonaws.com/nyc-tlc, which now answers 403.
+LEGACY_BASE_URL = "https://s3.amazonaws.com/nyc-tlc/trip+data"
+ZONES_FILE = "taxi_zone_lookup.csv"
+
+# sha256 of the official files we know (shared/data/SOURCES.md).
+KNOWN_SHA256 = {
+    "green_tripdata_2021-01.parquet": "b8e2c9496c5eada0f10adbd88f98d91721ec6fe2787a2b355cf0ccfa9678ee7b",
+    "green_tripdata_2021-02.parquet": "fd43c7afa2002716c8afadfd57665ab9c9ad99be419570a9b0a08de15cbeb64e",
+    ZONES_FILE: "5e8f5ff10175d75f468c6fbdf0f68ca93e77ecd48942718d5403f8b7232e90b0",
+}
+
+GREEN_COLUMNS = [
+    "VendorID", "lpep_pickup_datetime", "lpep_dropoff_datetime", "store_and_fwd_flag",
+    "RatecodeID", "PULocationID", "DOLocationID", "passenger_count", "trip_distance",
+    "fare_amount", "extra", "mta_tax", "tip_amount", "tolls_amount", "ehail_fee",
+    "improvement_surcharge", "total_amount", "payment_type", "trip_type", "congestion_surcharge",
+]
+
+TAXI_TYPES = ("green", "yellow", "fhv", "fhvhv")
+
+
+class DataUnavailable(RuntimeError):
+    """No source could provide a month (and the synthetic fallback is off)."""
+
+
+class ChecksumMismatch(RuntimeError):
+    pass
+
+
+def filename(taxi_type: str, year: int, month: int) -> str:
+    if taxi_type not in TAXI_TYPES:
+        raise ValueError(f"unknown taxi type {taxi_type!r}; expected one of {', '.join(TAXI_TYPES)}")
+    if not 1 <= int(month) <= 12:
+        raise ValueError(f"month must be 1..12, got {month!r}")
+    return f"{taxi_type}_tripdata_{int(year):04d}-{int(month):02d}.parquet"
+
+
+def official_url(taxi_type: str, year: int, month: int) -> str:
+    return f"{BASE_URL}/{filename(taxi_type, year, month)}"
+
+
+def mirror_location(mirror: str, name: str) -> str:
+    return f"{mirror.rstrip('/')}/{name}" if "://" in mirror else str(Path(mirror) / name)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: Path, name: str) -> None:
+    expected = KNOWN_SHA256.get(name)
+    if expected is None:
+        return
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ChecksumMismatch(f"{name}: sha256 {actual} does not match the known {expected}; file refused")
+
+
+def _copy_or_download(source: str, target: Path, progress: bool, timeout: float) -> None:
+    """Fetch `source` into `target` atomically: a temp file in the same folder, then rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if "://" not in source or source.startswith("file://"):
+                local = Path(source.removeprefix("file://"))
+                if not local.is_file():
+                    raise FileNotFoundError(f"{local} does not exist")
+                with open(local, "rb") as src:
+                    shutil.copyfileobj(src, out)
+            else:
+                _download(source, out, progress, timeout)
+        verify(tmp, target.name)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _download(url: str, out, progress: bool, timeout: float) -> None:
+    from tqdm.auto import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "ride-duration-course"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=not progress) as bar:
+            for chunk in iter(lambda: response.read(1 << 16), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def _fetch(name: str, official: str, settings: Settings, progress: bool, timeout: float) -> tuple[Path | None, list[str]]:
+    target = settings.data_dir / name
+    if target.is_file():
+        try:
+            verify(target, name)
+            return target, []
+        except ChecksumMismatch as exc:
+            log.warning("%s; fetching it again", exc)
+            target.unlink()
+    sources = []
+    if settings.tlc_mirror:
+        sources.append(mirror_location(settings.tlc_mirror, name))
+    sources.append(official)
+    tried = []
+    for source in sources:
+        try:
+            _copy_or_download(source, target, progress, timeout)
+            log.info("fetched %s from %s", name, source)
+            return target, tried
+        except ChecksumMismatch:
+            raise
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            tried.append(f"{source} ({exc})")
+    return None, tried
+
+
+def fetch_month(
+    taxi_type: str,
+    year: int,
+    month: int,
+    *,
+    settings: Settings | None = None,
+    allow_synthetic: bool | None = None,
+    progress: bool = True,
+    timeout: float = 30.0,
+) -> Path:
+    """Local path of a verified monthly file; downloads or synthesises it if needed."""
+    settings = settings or get_settings()
+    name = filename(taxi_type, year, month)
+    path, tried = _fetch(name, official_url(taxi_type, year, month), settings, progress, timeout)
+    if path is not None:
+        return path
+    allow = settings.synthetic_fallback if allow_synthetic is None else allow_synthetic
+    if not allow or taxi_type != "green":
+        raise DataUnavailable(
+            f"{name} could not be had; tried: " + "; ".join(tried)
+            + ". Set TLC_MIRROR to a folder or URL prefix holding the file."
+        )
+    synthetic = settings.data_dir / name.replace(".parquet", ".synthetic.parquet")
+    message = (
+        f"\n{'!' * 78}\n!! {name} is not available (tried: {'; '.join(tried)}).\n"
+        f"!! Using a SYNTHETIC month with the same schema instead: {synthetic}\n"
+        f"!! Results (RMSE, predictions) will NOT match the course's figures.\n{'!' * 78}"
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    log.warning(message)
+    if not synthetic.is_file():
+        write_synthetic_month(synthetic, year, month)
+    return synthetic
+
+
+def fetch_zones(settings: Settings | None = None, progress: bool = False, timeout: float = 30.0) -> Path:
+    settings = settings or get_settings()
+    path, tried = _fetch(ZONES_FILE, ZONES_URL, settings, progress, timeout)
+    if path is None:
+        raise DataUnavailable(f"{ZONES_FILE} could not be had; tried: " + "; ".join(tried))
+    return path
+
+
+def load_zones(settings: Settings | None = None) -> pd.DataFrame:
+    """The zone lookup. `keep_default_na=False`: zones 264/265 contain a literal `N/A`
+    that pandas would otherwise turn into a missing value."""
+    return pd.read_csv(fetch_zones(settings), keep_default_na=False)
+
+
+def synthetic_month(year: int, month: int, n_rows: int = 60_000, seed: int = 42) -> pd.DataFrame:
+    """A month of green-taxi-like trips: same 20 columns and dtypes as the TLC files.
+
+    Distributions are rough but realistic: a few busy zones dominate, distance is
+    log-normal, duration grows with distance at city speeds plus noise.
+    """
+    rng = np.random.default_rng(seed + year * 12 + month)
+    start = pd.Timestamp(year=year, month=month, day=1)
+    seconds_in_month = int(((start + pd.offsets.MonthBegin(1)) - start).total_seconds())
+    pickup = start + pd.to_timedelta(rng.integers(0, seconds_in_month, n_rows), unit="s")
+    zones = np.arange(1, 266)
+    weights = rng.pareto(1.2, zones.size) + 0.05
+    weights /= weights.sum()
+    pu = rng.choice(zones, n_rows, p=weights)
+    do = np.where(rng.random(n_rows) < 0.3, pu, rng.choice(zones, n_rows, p=weights))
+    distance = np.round(rng.lognormal(mean=0.8, sigma=0.8, size=n_rows), 2)
+    speed_mph = rng.normal(12, 3, n_rows).clip(4, 30)
+    minutes = distance / speed_mph * 60 + rng.exponential(3, n_rows)
+    minutes = np.where(rng.random(n_rows) < 0.03, rng.uniform(0, 200, n_rows), minutes)
+    dropoff = pickup + pd.to_timedelta(np.round(minutes * 60), unit="s")
+    fare = np.round(2.5 + distance * 2.5 + minutes * 0.5, 2)
+    tip = np.round(np.where(rng.random(n_rows) < 0.4, fare * 0.2, 0.0), 2)
+    df = pd.DataFrame(
+        {
+            "VendorID": rng.choice([1, 2], n_rows, p=[0.2, 0.8]).astype("int64"),
+            "lpep_pickup_datetime": pickup.astype("datetime64[us]"),
+            "lpep_dropoff_datetime": dropoff.astype("datetime64[us]"),
+            "store_and_fwd_flag": rng.choice(["N", "Y"], n_rows, p=[0.99, 0.01]).astype(object),
+            "RatecodeID": np.ones(n_rows),
+            "PULocationID": pu.astype("int64"),
+            "DOLocationID": do.astype("int64"),
+            "passenger_count": rng.choice([1.0, 2.0, 3.0, 5.0], n_rows, p=[0.8, 0.1, 0.05, 0.05]),
+            "trip_distance": distance,
+            "fare_amount": fare,
+            "extra": np.full(n_rows, 0.5),
+            "mta_tax": np.full(n_rows, 0.5),
+            "tip_amount": tip,
+            "tolls_amount": np.zeros(n_rows),
+            "ehail_fee": pd.Series([None] * n_rows, dtype=object),
+            "improvement_surcharge": np.full(n_rows, 0.3),
+            "total_amount": np.round(fare + tip + 1.3, 2),
+            "payment_type": rng.choice([1.0, 2.0], n_rows, p=[0.6, 0.4]),
+            "trip_type": np.ones(n_rows),
+            "congestion_surcharge": np.zeros(n_rows),
+        }
+    )
+    return df[GREEN_COLUMNS]
+
+
+def write_synthetic_month(path: Path, year: int, month: int, n_rows: int = 60_000, seed: int = 42) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    synthetic_month(year, month, n_rows=n_rows, seed=seed).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Fetch NYC TLC monthly files into the data cache.")
+    parser.add_argument("months", nargs="*", default=["2021-01", "2021-02"], help="YYYY-MM (default: 2021-01 2021-02)")
+    parser.add_argument("--taxi-type", default="green")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        for value in args.months:
+            year, month = (int(x) for x in value.split("-"))
+            print(fetch_month(args.taxi_type, year, month))
+        print(fetch_zones())
+    except (DataUnavailable, ChecksumMismatch, ValueError) as exc:
+        print(f"error: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Shared fixtures: real local servers on free ports, a small synthetic month,
+and one trained + registered model per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ride_duration import config
+from ride_duration.data import write_synthetic_month
+from ride_duration.stack import LocalStack, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_RIDE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
+
+
+@pytest.fixture(scope="session")
+def synthetic_months(tmp_path_factory) -> dict:
+    """Small synthetic green-taxi months (same schema as TLC), for fast training."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    return {
+        (2021, 1): write_synthetic_month(folder / "green_tripdata_2021-01.parquet", 2021, 1, n_rows=4000),
+        (2021, 2): write_synthetic_month(folder / "green_tripdata_2021-02.parquet", 2021, 2, n_rows=3000),
+    }
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path | None:
+    """The folder with the real TLC files (TLC_MIRROR), or None when not set."""
+    mirror = os.environ.get("TLC_MIRROR")
+    if mirror and Path(mirror, "green_tripdata_2021-01.parquet").is_file():
+        return Path(mirror).resolve()
+    return None
+
+
+def _start_stack(tmp_path_factory, services) -> LocalStack:
+    ports = {name: free_port() for name in ("s3", "mlflow", "prefect")}
+    stack = LocalStack(local_dir=tmp_path_factory.mktemp("stack"), ports=ports, quiet=True)
+    stack.up(services)
+    return stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """moto (S3 + Kinesis) and mlflow server on free ports; env points at them."""
+    saved = dict(os.environ)
+    stack = _start_stack(tmp_path_factory, ("s3", "mlflow"))
+    stack.activate()
+    yield stack
+    stack.down()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def settings(stack) -> config.Settings:
+    return config.get_settings()
+
+
+@pytest.fixture(scope="session")
+def trained_model(stack, synthetic_months):
+    """The reference pipeline trained once on a small synthetic month, logged,
+    registered and promoted to `production` on the session's stack."""
+    from ride_duration.train import log_to_mlflow, train
+
+    result = train(synthetic_months[(2021, 1)], synthetic_months[(2021, 2)])
+    logged = log_to_mlflow(result, promote=True)
+    return {"result": result, "logged": logged, "pipeline": result.pipeline}

@@ -94,6 +94,8 @@ class Settings:
     input_stream: str
     predictions_stream: str
     test_run: bool
+    # Batch scoring reads `<prefix>/<taxi>_tripdata_<YYYY>-<MM>.parquet` (s3://, URL or folder) when set.
+    batch_input_prefix: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -144,4 +146,5 @@ def get_settings() -> Settings:
         input_stream=env("INPUT_STREAM_NAME") or INPUT_STREAM,
         predictions_stream=env("PREDICTIONS_STREAM_NAME") or PREDICTIONS_STREAM,
         test_run=_flag(env("TEST_RUN")),
+        batch_input_prefix=_resolve_path(env("BATCH_INPUT_PREFIX")) if env("BATCH_INPUT_PREFIX") else None,
     )

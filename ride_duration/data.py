@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -101,8 +101,10 @@ def _copy_or_download(source: str, target: Path, progress: bool, timeout: float)
                 local = Path(source.removeprefix("file://"))
                 if not local.is_file():
                     raise FileNotFoundError(f"{local} does not exist")
-                with open(local, "rb") as src:
-                    shutil.copyfileobj(src, out)
+                with open(local, "rb") as src, _bar(local.stat().st_size, target.name, progress) as bar:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
             else:
                 _download(source, out, progress, timeout)
         verify(tmp, target.name)
@@ -111,13 +113,19 @@ def _copy_or_download(source: str, target: Path, progress: bool, timeout: float)
         tmp.unlink(missing_ok=True)
 
 
-def _download(url: str, out, progress: bool, timeout: float) -> None:
-    from tqdm.auto import tqdm
+def _bar(total, desc: str, progress: bool):
+    # Plain text bar (not the notebook widget): it reads the same in a terminal,
+    # in Jupyter and in a notebook rendered on GitHub.
+    from tqdm import tqdm
 
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr, ncols=80)
+
+
+def _download(url: str, out, progress: bool, timeout: float) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "ride-duration-course"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=not progress) as bar:
+        with _bar(total, url.rsplit("/", 1)[-1], progress) as bar:
             for chunk in iter(lambda: response.read(1 << 16), b""):
                 out.write(chunk)
                 bar.update(len(chunk))

@@ -85,6 +85,14 @@ def _download(uri: str, dst: Path, settings: Settings) -> Path:
             raise ModelNotFound(f"no MLflow model (MLmodel file) in folder {path}")
         return path
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    if uri.startswith(("models:/", "runs:/")):
+        # Fail in seconds, not after MLflow's minutes of HTTP retries.
+        from .train import TrackingServerDown, check_tracking_server
+
+        try:
+            check_tracking_server(settings.mlflow_tracking_uri)
+        except TrackingServerDown as exc:
+            raise ModelNotFound(f"model {uri} could not be loaded {_where(uri, settings)}: {exc}") from None
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
     except MlflowException as exc:

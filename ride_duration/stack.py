@@ -318,6 +318,13 @@ class LocalStack:
             self._stop("s3")
             self._say("s3       stopped")
 
+    def stop(self, name: str) -> bool:
+        """Stop one service (e.g. the tracking server, to show S3 still serves the model)."""
+        stopped = self._stop(name)
+        if stopped:
+            self._say(f"{name:8s} stopped")
+        return stopped
+
     def status(self) -> dict:
         return {
             name: {

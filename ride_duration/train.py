@@ -121,6 +121,9 @@ def log_to_mlflow(
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     experiment = mlflow.set_experiment(settings.experiment_name)
     example = prepare_features([EXAMPLE_RIDE])
+    # Our pipeline takes feature dicts (sklearn flavor); MLflow's pyfunc check of the
+    # example converts it to a DataFrame first and warns. The services never use pyfunc.
+    logging.getLogger("mlflow.models.model").setLevel(logging.ERROR)
     with mlflow.start_run(tags=tags) as run:
         mlflow.log_params({k: v for k, v in PARAMS.items()})
         mlflow.log_params({"n_train": result.n_train, "n_valid": result.n_valid})
@@ -133,9 +136,6 @@ def log_to_mlflow(
             serialization_format="skops",
             skops_trusted_types=TRUSTED_TYPES,
             registered_model_name=settings.model_name if register else None,
-            # Our model takes feature dicts (sklearn flavor), not a DataFrame, so
-            # MLflow's pyfunc serving check of the example does not apply.
-            validate_serving_input=False,
             # Explicit requirements: faster than MLflow's import-scanning inference.
             pip_requirements=_model_requirements(),
         )

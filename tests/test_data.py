@@ -1,0 +1,128 @@
+"""Data fetching against a real local HTTP server (the mirror-as-URL case)."""
+
+import functools
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ride_duration import config, data
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A real HTTP server on a free port serving a folder; yields (folder, url)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """Empty data cache; the official URL points at a closed local port (no internet here)."""
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TLC_MIRROR", raising=False)
+    monkeypatch.setattr(data, "BASE_URL", "http://127.0.0.1:9/trip-data")
+    return tmp_path / "cache"
+
+
+def _month_bytes(tmp_path) -> bytes:
+    path = data.write_synthetic_month(tmp_path / "m.parquet", 2020, 5, n_rows=500)
+    return path.read_bytes()
+
+
+def test_official_url():
+    assert data.official_url("green", 2021, 1) == "https://d37ci6vzurychx.cloudfront.net/trip-data/green_tripdata_2021-01.parquet"
+    with pytest.raises(ValueError, match="month"):
+        data.filename("green", 2021, 13)
+    with pytest.raises(ValueError, match="taxi type"):
+        data.filename("purple", 2021, 1)
+
+
+def test_download_from_mirror_url_verifies_checksum(http_folder, isolated, tmp_path, monkeypatch):
+    folder, url = http_folder
+    payload = _month_bytes(tmp_path)
+    (folder / "green_tripdata_2020-05.parquet").write_bytes(payload)
+    monkeypatch.setitem(data.KNOWN_SHA256, "green_tripdata_2020-05.parquet", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setenv("TLC_MIRROR", url)
+    path = data.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    assert path == isolated / "green_tripdata_2020-05.parquet"
+    assert path.read_bytes() == payload
+    # a second call is served from the verified cache even with the mirror gone
+    (folder / "green_tripdata_2020-05.parquet").unlink()
+    assert data.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False) == path
+
+
+def test_checksum_mismatch_refuses_and_leaves_nothing(http_folder, isolated, tmp_path, monkeypatch):
+    folder, url = http_folder
+    payload = _month_bytes(tmp_path)
+    (folder / "green_tripdata_2020-05.parquet").write_bytes(payload)
+    monkeypatch.setitem(data.KNOWN_SHA256, "green_tripdata_2020-05.parquet", "0" * 64)
+    monkeypatch.setenv("TLC_MIRROR", url)
+    with pytest.raises(data.ChecksumMismatch) as excinfo:
+        data.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    message = str(excinfo.value)
+    assert "green_tripdata_2020-05.parquet" in message
+    assert hashlib.sha256(payload).hexdigest() in message and "0" * 64 in message
+    assert list(isolated.iterdir()) == []  # no partial file, no file under the final name
+
+
+def test_mirror_folder_and_real_checksums(isolated, monkeypatch, real_data_dir):
+    if real_data_dir is None:
+        pytest.skip("TLC_MIRROR with the real files is not set")
+    monkeypatch.setenv("TLC_MIRROR", str(real_data_dir))
+    path = data.fetch_month("green", 2021, 2, allow_synthetic=False, progress=False)
+    assert data.sha256_of(path) == data.KNOWN_SHA256[path.name]
+    assert len(pd.read_parquet(path)) == 64_572
+    zones = data.load_zones()
+    assert len(zones) == 265
+    # pandas would read the literal "N/A" as missing without keep_default_na=False
+    assert zones.set_index("LocationID").loc[265, "Zone"] == "Outside of NYC"
+    assert "N/A" in zones.set_index("LocationID").loc[264, "Zone"]
+    assert zones.isna().sum().sum() == 0
+
+
+def test_unavailable_month_names_what_was_tried(isolated, monkeypatch, tmp_path):
+    monkeypatch.setenv("TLC_MIRROR", str(tmp_path / "empty-mirror"))
+    with pytest.raises(data.DataUnavailable) as excinfo:
+        data.fetch_month("green", 2019, 7, allow_synthetic=False, progress=False)
+    message = str(excinfo.value)
+    assert str(tmp_path / "empty-mirror" / "green_tripdata_2019-07.parquet") in message
+    assert "http://127.0.0.1:9/trip-data/green_tripdata_2019-07.parquet" in message
+
+
+def test_synthetic_fallback_warns_and_matches_schema(isolated, real_data_dir):
+    with pytest.warns(RuntimeWarning, match="SYNTHETIC"):
+        path = data.fetch_month("green", 2019, 7, progress=False)
+    assert path.name == "green_tripdata_2019-07.synthetic.parquet"
+    df = pd.read_parquet(path)
+    assert list(df.columns) == data.GREEN_COLUMNS and len(df.columns) == 20
+    assert df["lpep_pickup_datetime"].dt.month.eq(7).all()
+    duration = (df["lpep_dropoff_datetime"] - df["lpep_pickup_datetime"]).dt.total_seconds() / 60
+    assert 0.7 < duration.between(1, 60).mean() < 1.0  # mostly kept by the course's filter
+    assert df["PULocationID"].between(1, 265).all()
+    if real_data_dir is not None:
+        real = pd.read_parquet(real_data_dir / "green_tripdata_2021-01.parquet")
+        assert dict(real.dtypes.astype(str)) == dict(df.dtypes.astype(str))
+
+
+def test_fetch_month_cli_reports_failure(isolated, monkeypatch, capsys):
+    monkeypatch.setenv("TLC_SYNTHETIC_FALLBACK", "0")
+    assert data.main(["2019-07"]) == 1
+    assert "green_tripdata_2019-07.parquet could not be had" in capsys.readouterr().out
+
+
+def test_relative_mirror_resolves_against_repo(monkeypatch):
+    root = config.repo_root()
+    monkeypatch.chdir(Path("/"))
+    monkeypatch.setenv("TLC_MIRROR", "ride_duration")
+    assert config.get_settings().tlc_mirror == str(root / "ride_duration")

@@ -64,6 +64,28 @@ def default_model_uri(settings: Settings | None = None) -> str:
     return settings.registry_uri
 
 
+def production_model_s3(settings: Settings | None = None) -> dict:
+    """Where the registry's aliased model lives in S3: {"MODEL_ID", "EXPERIMENT_ID", "uri"}.
+
+    Asks the tracking server once (e.g. at deploy time) so that services can then be
+    configured to load straight from S3 and start without it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    settings = settings or get_settings()
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    try:
+        mv = MlflowClient().get_model_version_by_alias(settings.model_name, settings.model_alias)
+        # The registry keeps the logged model as `source` models:/m-... (model_id can be empty).
+        model_id = mv.model_id or mv.source.removeprefix("models:/")
+        experiment_id = mlflow.get_logged_model(model_id).experiment_id
+    except MlflowException as exc:
+        raise ModelNotFound(f"no model {settings.registry_uri} on {settings.mlflow_tracking_uri}: {exc.message}") from exc
+    return {"MODEL_ID": model_id, "EXPERIMENT_ID": experiment_id,
+            "uri": s3_model_uri(settings.mlflow_bucket, experiment_id, model_id)}
+
+
 def _where(uri: str, settings: Settings) -> str:
     if uri.startswith(("models:/", "runs:/")):
         return f"through the MLflow tracking server {settings.mlflow_tracking_uri}"

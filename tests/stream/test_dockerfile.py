@@ -1,0 +1,157 @@
+"""The Lambda image, checked without a Docker engine.
+
+Verified here: the Dockerfile's base, CMD and install steps; every COPY source
+exists and is not dockerignored; the lock is what `pipenv install --deploy`
+accepts (`pipenv verify`) and pins the versions this environment was tested
+with; the COPYed files alone build the package, which installs with
+`--no-deps` into a fresh venv (no system site-packages, the repo's editable
+install invisible) where `lambda_function.lambda_handler` imports from it.
+NOT verified: the image build itself and pipenv downloading the lock.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+DOCKERFILE = REPO / "docker" / "streaming" / "Dockerfile"
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def copies(path: Path) -> list[tuple[list[str], str]]:
+    out = []
+    for keyword, rest in instructions(path):
+        if keyword == "COPY":
+            parts = [p for p in rest.split() if not p.startswith("--")]
+            out.append((parts[:-1], parts[-1]))
+    return out
+
+
+def test_base_image_cmd_and_install_steps():
+    steps = instructions(DOCKERFILE)
+    assert steps[0] == ("FROM", "public.ecr.aws/lambda/python:3.11")
+    assert steps[-1] == ("CMD", '["lambda_function.lambda_handler"]')
+    runs = [rest for keyword, rest in steps if keyword == "RUN"]
+    # pipenv pinned to the version that verified the lock here (same as the web image)
+    assert any(f"pip install --no-cache-dir pipenv=={version('pipenv')}" in r for r in runs)
+    assert any("pipenv install --system --deploy" in r for r in runs)
+    assert any("pip install" in r and "--no-deps /tmp/build" in r for r in runs)
+    assert (["docker/streaming/lambda_function.py"], "${LAMBDA_TASK_ROOT}/") in copies(DOCKERFILE)
+
+
+def test_copy_sources_exist_and_are_not_ignored():
+    ignored = [line.strip() for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for sources, _ in copies(DOCKERFILE):
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY {source}: not in the repository (build context = repo root)"
+            assert not any(fnmatch.fnmatch(source, pattern) or source.startswith(pattern + "/") for pattern in ignored)
+
+
+def test_every_image_installs_from_the_same_lock():
+    for dockerfile in sorted((REPO / "docker").glob("*/Dockerfile")):
+        text = dockerfile.read_text()
+        if "pipenv" in text:
+            assert "--deploy" in text, dockerfile
+            assert any(sources[:2] == ["Pipfile", "Pipfile.lock"] for sources, _ in copies(dockerfile)), dockerfile
+
+
+@pytest.fixture(scope="module")
+def locked_requirements(tmp_path_factory) -> dict:
+    """`pipenv verify` (what --deploy checks) and the [packages] pins pipenv would install (offline)."""
+    work = tmp_path_factory.mktemp("pipenv")
+    for name in ("Pipfile", "Pipfile.lock"):
+        shutil.copy(REPO / name, work / name)
+    pipenv = [sys.executable, "-m", "pipenv"]
+    env = {**os.environ, "PIPENV_VERBOSITY": "-1", "PIPENV_IGNORE_VIRTUALENVS": "1"}
+    verify = subprocess.run([*pipenv, "verify"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    reqs = subprocess.run([*pipenv, "requirements"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert reqs.returncode == 0, reqs.stderr
+    pins = {}
+    for line in reqs.stdout.splitlines():
+        match = re.match(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^;\s]+)", line)
+        if match:
+            pins[match.group(1).lower()] = match.group(3)
+    return pins
+
+
+def test_lock_pins_what_the_tests_ran_with(locked_requirements):
+    for name in ("numpy", "pandas", "scikit-learn", "skops", "mlflow-skinny", "boto3", "flask"):
+        assert locked_requirements[name] == version(name), name
+    mismatched = {}
+    for name, pinned in locked_requirements.items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            continue  # platform-specific wheels of other OSes
+        if installed != pinned:
+            mismatched[name] = (pinned, installed)
+    assert not mismatched, f"Pipfile.lock and this environment differ: {mismatched}"
+
+
+def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path):
+    # The build context the Dockerfile assembles in /tmp/build, from its own COPY lines.
+    build = tmp_path / "build"
+    build.mkdir()
+    for sources, dest in copies(DOCKERFILE):
+        if not dest.startswith("/tmp/build"):
+            continue
+        target = build / dest.removeprefix("/tmp/build").strip("/")
+        for source in sources:
+            src = REPO / source
+            if src.is_dir():  # COPY dir dest: the folder's contents go to dest
+                shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:  # COPY file... dir/: into the folder
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, target / src.name)
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheels), str(build)], check=True, capture_output=True, timeout=120)
+    fresh = tmp_path / "fresh"
+    venv.create(fresh, with_pip=False, system_site_packages=False)
+    py = fresh / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
+                    "--no-index", str(next(wheels.glob("*.whl")))], check=True, capture_output=True, timeout=120)
+    # The locked third-party packages (the `pipenv install --system` layer) come from this
+    # environment through a plain path line: its editable finder for the repo is not run.
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "locked_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    task_root = tmp_path / "task"
+    task_root.mkdir()
+    shutil.copy(REPO / "docker" / "streaming" / "lambda_function.py", task_root)
+    check = (
+        "import json, lambda_function, ride_duration, ride_duration.stream as s;"
+        "print(json.dumps({'file': ride_duration.__file__,"
+        " 'same': lambda_function.lambda_handler is s.lambda_handler}))"
+    )
+    out = subprocess.run([str(py), "-c", check], cwd=task_root, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["same"] is True
+    assert result["file"].startswith(str(fresh)), result["file"]  # the installed copy, not the checkout

@@ -31,6 +31,8 @@ kernel: venv ## also register the kernel for your user's Jupyter
 # --- the two commands ----------------------------------------------------------
 course: venv services-up data train ## the whole course, end to end
 	$(PY) scripts/run_course.py $(NOTEBOOKS)
+	$(PY) scripts/score_report.py --taxi-type green --month 2021-02
+	$(PY) scripts/score_backfill.py --taxi-type green --start 2021-01 --end 2021-02
 
 test: venv ## unit + integration tests and nbval over every notebook
 	$(PY) scripts/run_tests.py

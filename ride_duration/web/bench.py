@@ -1,0 +1,201 @@
+"""Load-testing the service: the same load against three gunicorn servers.
+
+(a) the project: `create_app()` with gunicorn.conf.py (fast runtime, 2 gthread workers)
+(b) the 2022 course: Flask + gunicorn with 1 sync worker, the sklearn forest with
+    n_jobs=-1 predicting each request
+(c) a hello-world endpoint with gunicorn.conf.py: the ceiling for Flask + gunicorn here
+
+The load generator is Python: N threads, each with its own keep-alive
+connection (a minimal HTTP/1.1 client, see `KeepAliveClient`), posting the example ride for a fixed duration.
+It shares the machine's cores with the server, as any local load test does,
+so compare the ratios measured side by side, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..stack import free_port
+from ..train import EXAMPLE_RIDE
+from .server import GunicornServer
+
+
+@dataclass
+class LoadResult:
+    name: str
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: np.ndarray = field(repr=False)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
+
+
+class KeepAliveClient:
+    """A minimal HTTP/1.1 client on one keep-alive socket.
+
+    http.client parses headers with the email package, which costs more CPU
+    than the service's own work; on a 2-core machine the load generator would
+    measure itself. This sends pre-built request bytes and reads exactly one
+    response (status line + Content-Length body). Enough for our own servers.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 30):
+        self.address = (host, port)
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.buffer = b""
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(self.address, timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+        return sock
+
+    def request(self, raw: bytes) -> tuple[int, bytes]:
+        if self.sock is None:
+            self.sock = self._connect()
+        self.sock.sendall(raw)
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            self._recv()
+        head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
+        status = int(head[9:12])
+        length, close = 0, False
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection":
+                close = value.strip().lower() == b"close"
+        while len(self.buffer) < length:
+            self._recv()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        if close:
+            self.close()
+        return status, body
+
+    def _recv(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buffer += chunk
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+
+
+def build_request(host: str, path: str, body: bytes, content_type: str = "application/json",
+                  method: str = "POST") -> bytes:
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def run_load(url: str, payload=EXAMPLE_RIDE, *, connections: int = 8, seconds: float = 5.0,
+             path: str = "/predict", name: str = "") -> LoadResult:
+    """POST `payload` over `connections` keep-alive connections (one thread each) for `seconds`."""
+    host, port = url.removeprefix("http://").split(":")
+    raw = build_request(f"{host}:{port}", path, json.dumps(payload).encode())
+    latencies: list[list[float]] = [[] for _ in range(connections)]
+    errors = [0] * connections
+    start_line = threading.Barrier(connections + 1)
+    stop_at = [0.0]
+
+    def worker(i: int) -> None:
+        client = KeepAliveClient(host, int(port))
+        start_line.wait()
+        clock, times = time.perf_counter, latencies[i]
+        while (t0 := clock()) < stop_at[0]:
+            try:
+                status, _ = client.request(raw)
+            except (OSError, ValueError):
+                status = 0
+                client.close()
+            if status == 200:
+                times.append((clock() - t0) * 1000)
+            else:
+                errors[i] += 1
+        client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(connections)]
+    for t in threads:
+        t.start()
+    begin = time.perf_counter()
+    stop_at[0] = begin + seconds
+    start_line.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - begin
+    all_latencies = np.concatenate([np.asarray(x) for x in latencies]) if any(latencies) else np.empty(0)
+    return LoadResult(name, len(all_latencies), sum(errors), elapsed, all_latencies)
+
+
+# name -> (gunicorn app spec, use the repo's gunicorn.conf.py?, extra gunicorn args)
+SERVERS = {
+    "a: project (fast runtime, gunicorn.conf.py)": ("ride_duration.web:create_app()", True, ()),
+    "b: 2022 design (sklearn n_jobs=-1, 1 sync worker)": (
+        'ride_duration.web:create_app(runtime="sklearn", n_jobs=-1)', False, ("--workers", "1", "--worker-class", "sync", "--no-control-socket"),
+    ),
+    "c: hello world (gunicorn.conf.py)": ("ride_duration.web:create_hello_app()", True, ()),
+}
+
+
+def run_benchmark(seconds: float = 10.0, connections: int = 8, rounds: int = 5, warmup: float = 1.0,
+                  env: dict | None = None, servers: dict = SERVERS) -> list[LoadResult]:
+    """Start every server, then load them in turn, `rounds` times `seconds/rounds` each.
+
+    Interleaving the rounds spreads any background load on the machine over all
+    servers alike, so the ratios stay meaningful on a shared machine.
+    """
+    with contextlib.ExitStack() as running:
+        urls = {}
+        for name, (app, use_config, args) in servers.items():
+            server = GunicornServer(app, port=free_port(), config=use_config, args=args, env=env)
+            urls[name] = running.enter_context(server).url
+        for url in urls.values():
+            run_load(url, connections=connections, seconds=warmup)
+        parts: dict[str, list[LoadResult]] = {name: [] for name in urls}
+        for _ in range(rounds):
+            for name, url in urls.items():
+                parts[name].append(run_load(url, connections=connections, seconds=seconds / rounds, name=name))
+    return [
+        LoadResult(
+            name,
+            sum(p.requests for p in runs),
+            sum(p.errors for p in runs),
+            sum(p.seconds for p in runs),
+            np.concatenate([p.latencies_ms for p in runs]),
+        )
+        for name, runs in parts.items()
+    ]
+
+
+def format_table(results: list[LoadResult]) -> str:
+    lines = [
+        "| server | req/s | p50 ms | p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(f"| {r.name} | {r.rps:,.0f} | {r.percentile(50):.2f} | {r.percentile(99):.2f} | {r.errors} |")
+    if len(results) == 3:
+        a, b, c = results
+        lines.append("")
+        lines.append(f"a/b = {a.rps / b.rps:.1f}x (target >= 40)   a/c = {a.rps / c.rps:.2f} (target >= 0.5)   "
+                     f"a p99 = {a.percentile(99):.2f} ms (target <= 20)")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""The service under a real gunicorn process (the repo's gunicorn.conf.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from ride_duration.predict import make_prediction
+from ride_duration.stack import free_port
+from ride_duration.web.app import MAX_CONTENT_LENGTH
+
+REPO = Path(__file__).resolve().parents[2]
+RIDE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
+JSON = {"Content-Type": "application/json"}
+
+
+def test_health_reports_the_registry_version(served, trained_model):
+    health = served.health()
+    assert health["status"] == "ok"
+    assert health["model_version"] == trained_model["logged"].run_id
+    assert health["runtime"] == "FastForest"
+
+
+def test_example_ride(served, trained_model):
+    response = requests.post(served.url + "/predict", json=RIDE, timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {
+        "duration": pytest.approx(float(make_prediction(trained_model["pipeline"], RIDE)[0]), abs=1e-9),
+        "model_version": trained_model["logged"].run_id,
+    }
+
+
+def _hostile_requests():
+    """(method, path, body bytes, headers) of malformed, hostile or wrong requests."""
+    values = [None, True, False, "130", "", [], {}, [130], {"v": 130}, -1, 0, 266, 1e400, -1e400, 10**30,
+              130.5, "NaN", 2**63, -(2**63), 1e-320, "∞", "<script>", 501, -0.001, 1e308]
+    raw_values = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"9" * 5000, b"0x10", b"01", b".5", b"+1",
+                  b"true", b"null", b'"\\ud800"', b"[[[[[[]]]]]]"]
+    out = []
+    for field, value in itertools.product(RIDE, values):  # wrong types and ranges per field
+        if field == "trip_distance" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and 0 <= value <= 500:
+            continue  # a valid distance
+        bad = {**RIDE, field: value}
+        out += [("POST", "/predict", json.dumps(bad).encode(), JSON),  # alone and inside a list
+                ("POST", "/predict", json.dumps([RIDE, bad]).encode(), JSON)]
+    for field, raw in itertools.product(RIDE, raw_values):  # JSON literals json.dumps would not write
+        body = b"{" + b", ".join(
+            f'"{k}": '.encode() + (raw if k == field else json.dumps(v).encode()) for k, v in RIDE.items()
+        ) + b"}"
+        out.append(("POST", "/predict", body, JSON))
+    for field in RIDE:  # missing fields, alone and in lists
+        ride = {k: v for k, v in RIDE.items() if k != field}
+        out += [("POST", "/predict", json.dumps(ride).encode(), JSON),
+                ("POST", "/predict", json.dumps([RIDE, ride]).encode(), JSON)]
+    nested = b'{"a":' * 5000 + b"1" + b"}" * 5000
+    bodies = [b"", b" ", b"null", b"1", b'"ride"', b"[]", b"[1,2]", b"[null]", b"{}", b"{", b"}", b"[", b"\x00\x01",
+              b"\xff" * 10, b"PULocationID=130", b"<ride/>", nested, b"[" * 50_000 + b"]" * 50_000,
+              json.dumps([RIDE] * 1001).encode(), json.dumps({"rides": [RIDE]}).encode(),
+              json.dumps({**RIDE, "trip_distance": [1] * 10_000}).encode(),
+              json.dumps([[RIDE]]).encode(), b'{"PULocationID": 130, "PULocationID": "x", "DOLocationID": 1}']
+    out += [("POST", "/predict", b, JSON) for b in bodies]
+    out += [("POST", "/predict", b"x" * (MAX_CONTENT_LENGTH + n), JSON) for n in (1, 1000, 500_000)]
+    out += [("POST", "/predict", json.dumps([RIDE] * 3000).encode(), JSON)]  # too large as a list
+    for ctype in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                  "application/xml", "", "application/jsonx", "image/png"]:
+        out.append(("POST", "/predict", json.dumps(RIDE).encode(), {"Content-Type": ctype} if ctype else {}))
+    for method, path in itertools.product(["GET", "PUT", "DELETE", "PATCH", "OPTIONS"], ["/predict"]):
+        out.append((method, path, json.dumps(RIDE).encode(), JSON))
+    out += [("POST", "/health", b"{}", JSON), ("DELETE", "/health", b"", {})]
+    for path in ["/", "/predict/", "/predict/1", "/admin", "/../etc/passwd", "/%00", "/" + "a" * 2000, "/health/x",
+                 "/PREDICT"]:
+        out += [("GET", path, b"", {}), ("POST", path, json.dumps(RIDE).encode(), JSON)]
+    return out
+
+
+def test_hostile_payloads_never_5xx(served):
+    cases = _hostile_requests()
+    assert len(cases) >= 200
+    session = requests.Session()
+    statuses = {}
+    for method, path, body, headers in cases:
+        response = session.request(method, served.url + path, data=body, headers=headers, timeout=30)
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        label = f"{method} {path[:40]} {body[:80]!r} {headers}"
+        if method == "OPTIONS":  # Flask answers the allowed methods
+            assert response.status_code == 200 and "POST" in response.headers["Allow"]
+            continue
+        assert 400 <= response.status_code < 500, f"{response.status_code} for {label}: {response.text[:200]}"
+        error = response.json()["error"]
+        assert isinstance(error, str) and 10 < len(error) <= 300, label
+    assert served.health()["status"] == "ok"  # still serving
+    assert {400, 404, 405, 413, 415} <= set(statuses)
+
+
+def _random_rides(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"PULocationID": rng.randint(1, 265), "DOLocationID": rng.randint(1, 265),
+             "trip_distance": round(rng.uniform(0, 30), 2)} for _ in range(n)]
+
+
+def test_2000_concurrent_requests_match_the_model(served, trained_model):
+    connections, per_connection = 8, 260
+    rides = _random_rides(connections * per_connection, seed=7)
+    expected = make_prediction(trained_model["pipeline"], rides)
+    answers = [None] * len(rides)
+    failures = []
+
+    def worker(k: int) -> None:
+        session = requests.Session()  # one keep-alive connection per thread
+        for i in range(k, len(rides), connections):
+            try:
+                response = session.post(served.url + "/predict", json=rides[i], timeout=30)
+                response.raise_for_status()
+                answers[i] = response.json()["duration"]
+            except Exception as exc:  # collected, asserted below
+                failures.append(f"ride {i}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert answers == pytest.approx(expected.tolist(), abs=1e-9)
+    # and a list of the same rides in one request
+    response = requests.post(served.url + "/predict", json=rides[:500], timeout=30)
+    assert [a["duration"] for a in response.json()] == pytest.approx(expected[:500].tolist(), abs=1e-9)
+
+
+def test_predict_client_script(served, trained_model):
+    host = served.url.removeprefix("http://")
+    done = subprocess.run([sys.executable, str(REPO / "scripts/predict_client.py"), "--host", host],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["model_version"] == trained_model["logged"].run_id
+    assert answer["duration"] == pytest.approx(float(make_prediction(trained_model["pipeline"], RIDE)[0]))
+
+
+def test_predict_client_script_reports_errors(served):
+    host = served.url.removeprefix("http://")
+    bad = subprocess.run([sys.executable, str(REPO / "scripts/predict_client.py"), "--host", host,
+                          "--ride", '{"PULocationID": 0, "DOLocationID": 1, "trip_distance": 1}'],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "400" in bad.stderr and "'PULocationID' must be a TLC zone id" in bad.stderr
+    down = subprocess.run([sys.executable, str(REPO / "scripts/predict_client.py"), "--host", f"127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1 and "is the service running?" in down.stderr
+
+
+def test_serve_command_runs_gunicorn(stack, trained_model):
+    """`make serve` = `python -m ride_duration.web serve`: gunicorn with the repo's config, never Flask's server."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ride_duration.web", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.2)
+        health = requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        assert health["model_version"] == trained_model["logged"].run_id
+        response = requests.post(f"http://127.0.0.1:{port}/predict", json=RIDE, timeout=10)
+        assert response.status_code == 200
+        assert "gunicorn" in response.headers["Server"].lower()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert "Using worker: gthread" in output
+    assert "Booting worker" in output

@@ -336,6 +336,21 @@ class LocalStack:
         }
 
 
+def activate_if_running(announce: bool = True) -> bool:
+    """CLIs' default: with no AWS endpoint configured (env or .env) but the local
+    stack up, point this process at it, as `make` users expect. Returns True if so.
+    With an endpoint configured, or the stack down, nothing changes (AWS profile)."""
+    if config.get_settings().aws_endpoint_url:
+        return False
+    stack = LocalStack.from_settings(quiet=True)
+    if not stack.healthy("s3"):
+        return False
+    stack.activate()
+    if announce:
+        print(f"using the local stack (S3 + Kinesis {stack.url('s3')}, MLflow {stack.url('mlflow')})", file=sys.stderr)
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Start/stop the local S3+Kinesis, MLflow and Prefect servers.")
     parser.add_argument("command", choices=["up", "down", "status", "env"])
@@ -363,18 +378,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def activate_if_running(announce: bool = True) -> bool:
-    """CLIs' default: with no AWS endpoint configured (env or .env) but the local
-    stack up, point this process at it, as `make` users expect. Returns True if so.
-    With an endpoint configured, or the stack down, nothing changes (AWS profile)."""
-    if config.get_settings().aws_endpoint_url:
-        return False
-    stack = LocalStack.from_settings(quiet=True)
-    if not stack.healthy("s3"):
-        return False
-    stack.activate()
-    if announce:
-        print(f"using the local stack (S3 + Kinesis {stack.url('s3')}, MLflow {stack.url('mlflow')})", file=sys.stderr)
-    return True

@@ -69,6 +69,12 @@ def _check_ride(index, ride: Mapping) -> tuple[int, int, float]:
     return int(pu), int(do), float(dist)
 
 
+def pu_do_column(frame: pd.DataFrame) -> pd.Series:
+    """The `PU_DO` feature ("<PU>_<DO>") for a whole frame of valid rides, vectorised:
+    string concatenation on whole columns, no per-row Python."""
+    return frame["PULocationID"].astype("int64").astype(str) + "_" + frame["DOLocationID"].astype("int64").astype(str)
+
+
 def prepare_features(rides) -> list[dict]:
     """Rides (a list of dicts or a DataFrame) -> the pipeline's feature dicts.
 
@@ -86,8 +92,7 @@ def prepare_features(rides) -> list[dict]:
         for field in ("PULocationID", "DOLocationID"):
             if frame[field].isna().any():
                 raise _bad(frame[field].isna().idxmax(), field, "is missing")
-        # Vectorised: string concatenation on whole columns, no per-row Python.
-        pu_do = frame["PULocationID"].astype("int64").astype(str) + "_" + frame["DOLocationID"].astype("int64").astype(str)
+        pu_do = pu_do_column(frame)
         return [{"PU_DO": p, "trip_distance": float(d)} for p, d in zip(pu_do.tolist(), distance.tolist())]
     if isinstance(rides, Mapping):
         rides = [rides]

@@ -27,7 +27,7 @@ from ..aws import s3_client, split_s3_uri, storage_options
 from ..config import Settings, get_settings
 from ..data import DataUnavailable, fetch_month, filename, official_url
 from ..predict import load_model, make_prediction
-from ..utils import REQUIRED_COLUMNS, TARGET, add_duration, check_columns
+from ..utils import REQUIRED_COLUMNS, TARGET, add_duration, check_columns, pu_do_column
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +277,7 @@ def design_matrix(model, df: pd.DataFrame):
     vectorizer = steps[0][1]
     sep, vocabulary = vectorizer.separator, vectorizer.vocabulary_
     n = len(frame)
-    pu_do = (f"PU_DO{sep}" + frame["PULocationID"].astype("int64").astype(str) + "_"
-             + frame["DOLocationID"].astype("int64").astype(str))
+    pu_do = f"PU_DO{sep}" + pu_do_column(frame)
     one_hot = pu_do.map(vocabulary).to_numpy(dtype=float)  # NaN: a zone pair unseen in training, dropped
     known = ~np.isnan(one_hot)
     rows = [np.flatnonzero(known)]

@@ -9,6 +9,7 @@ points the alias `production` at the new version.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -168,11 +169,9 @@ def main(argv=None) -> int:
     parser.add_argument("--promote", action="store_true", help="point the `production` alias at the new version")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.tracking_uri:
-        import os
-
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     settings = get_settings()
+    if args.tracking_uri:
+        settings = dataclasses.replace(settings, mlflow_tracking_uri=args.tracking_uri)
     try:
         check_tracking_server(settings.mlflow_tracking_uri)
         train_path = args.train_path or fetch_month("green", 2021, 1, settings=settings)

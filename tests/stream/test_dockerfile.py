@@ -129,7 +129,7 @@ def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy(src, target / src.name)
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "-w", str(wheels), str(build)], check=True, capture_output=True, timeout=120)
     fresh = tmp_path / "fresh"
     venv.create(fresh, with_pip=False, system_site_packages=False)

@@ -50,14 +50,22 @@ def test_partial_batch_over_http(invoke_url, canonical_event):
     assert [p["prediction"]["ride_id"] for p in body["predictions"]] == [256]
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"not json", "the request body must be a JSON event"),
-    (b'{"hello": 1}', "not a Kinesis event"),
-])
-def test_bad_requests_get_400_json(invoke_url, body, message):
-    response = requests.post(invoke_url, data=body, timeout=30)
+def test_non_json_payload_gets_400_json(invoke_url):
+    response = requests.post(invoke_url, data=b"not json", timeout=30)
     assert response.status_code == 400
-    assert message in response.json()["errorMessage"]
+    assert "the request body must be a JSON event" in response.json()["errorMessage"]
+
+
+def test_function_error_answers_like_lambda(invoke_url, canonical_event):
+    """A handler that raises: 200 with the error as the body and X-Amz-Function-Error, as the RIE does;
+    the endpoint keeps serving."""
+    response = requests.post(invoke_url, data=b'{"hello": 1}', timeout=30)
+    assert response.status_code == 200
+    assert response.headers["X-Amz-Function-Error"] == "Unhandled"
+    assert response.json()["errorType"] == "InvalidEvent"
+    assert "not a Kinesis event" in response.json()["errorMessage"]
+    again = requests.post(invoke_url, json=canonical_event, timeout=30)
+    assert again.status_code == 200 and "X-Amz-Function-Error" not in again.headers
 
 
 def test_invoke_server_writes_predictions(trained_model, kinesis, make_stream, canonical_event):

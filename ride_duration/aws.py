@@ -20,24 +20,6 @@ LOCAL_CREDENTIALS = {
 }
 
 
-def use_local_stack(endpoint_url: str, region: str = "eu-west-1", mlflow_uri: str | None = None) -> dict:
-    """Point this process (and its children) at the local stack.
-
-    Returns the variables it set, so a caller can write them to a `.env`.
-    Dummy credentials are set only here, never when talking to AWS.
-    """
-    values = {
-        "AWS_ENDPOINT_URL": endpoint_url,
-        "MLFLOW_S3_ENDPOINT_URL": endpoint_url,
-        "AWS_DEFAULT_REGION": region,
-        **LOCAL_CREDENTIALS,
-    }
-    if mlflow_uri:
-        values["MLFLOW_TRACKING_URI"] = mlflow_uri
-    os.environ.update(values)
-    return values
-
-
 def _client_kwargs(settings: Settings, service: str) -> dict:
     kwargs = {"region_name": settings.aws_region}
     specific = os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}")

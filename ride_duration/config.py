@@ -10,7 +10,7 @@ local stack or to AWS depending only on what is set.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -96,7 +96,6 @@ class Settings:
     test_run: bool
     # Batch scoring reads `<prefix>/<taxi>_tripdata_<YYYY>-<MM>.parquet` (s3://, URL or folder) when set.
     batch_input_prefix: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def registry_uri(self) -> str:

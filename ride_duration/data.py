@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 
 BASE_URL = "https://d37ci6vzurychx.cloudfront.net/trip-data"
 ZONES_URL = "https://d37ci6vzurychx.cloudfront.net/misc/taxi_zone_lookup.csv"
-# The 2022 course read from s3.amazonaws.com/nyc-tlc, which now answers 403.
-LEGACY_BASE_URL = "https://s3.amazonaws.com/nyc-tlc/trip+data"
+# (The 2022 course read from s3.amazonaws.com/nyc-tlc, which now answers 403.)
 ZONES_FILE = "taxi_zone_lookup.csv"
 
 # sha256 of the official files we know (shared/data/SOURCES.md).

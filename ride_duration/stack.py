@@ -164,6 +164,15 @@ class LocalStack:
                 PREFECT_SERVER_ANALYTICS_ENABLED="false",
                 PREFECT_LOGGING_LEVEL="WARNING",
             )
+            # SQLite takes one writer at a time, and Prefect 3.9 creates a subflow's
+            # task run in a transaction that fails at once ("database is locked",
+            # HTTP 503, the client retries 2 s later) when another write commits in
+            # between. By default the server commits every task-run event on its
+            # own; committing them in batches (at most 1 s late in the UI) made
+            # those stalls rare: 8 -> 1 in 36 subflows (tests/batch, make bench-batch).
+            for key, value in (("TASK_RUN_RECORDER_BATCH_SIZE", "100"), ("TASK_RUN_RECORDER_FLUSH_INTERVAL", "1"),
+                               ("EVENT_PERSISTER_BATCH_SIZE", "500")):
+                env.setdefault(f"PREFECT_SERVER_SERVICES_{key}", value)
             env.pop("PREFECT_API_URL", None)
             return [py, "-m", "prefect", "server", "start", "--host", HOST, "--port", port], env
         raise ValueError(name)

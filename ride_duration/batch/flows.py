@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from datetime import date, datetime
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from .core import (
@@ -32,6 +34,20 @@ FLOW_NAME = "ride-duration-prediction"
 BACKFILL_FLOW_NAME = "ride-duration-prediction-backfill"
 # Months scored at once in a backfill: one per core on the course machine.
 BACKFILL_WORKERS = 2
+
+# Month subflow runs are created one at a time, then run in parallel: on the local
+# server's SQLite, two subflows created at the same instant make it answer one with
+# 503 "database is locked", and the client waits 2 s before retrying. Creating a
+# subflow run takes ~0.1 s. The lock is released as soon as the month's flow starts.
+_creating_subflow = threading.Lock()
+_release_when_started = threading.local()
+
+
+def _subflow_started() -> None:
+    release = getattr(_release_when_started, "release", None)
+    if release is not None:
+        _release_when_started.release = None
+        release()
 
 
 # NO_CACHE: the default cache key would hash the inputs; the work is a side effect
@@ -59,6 +75,7 @@ def ride_duration_prediction(taxi_type: str = "green", run_id: str | None = None
     late (worker down, queue full, a manual retry days later) still scores
     February, and re-running it later gives the same month.
     """
+    _subflow_started()
     logger = get_run_logger()
     if run_date is None:
         run_date = flow_run.scheduled_start_time
@@ -72,24 +89,36 @@ def ride_duration_prediction(taxi_type: str = "green", run_id: str | None = None
 @task(name="score-month", cache_policy=NO_CACHE)
 def score_month_subflow(taxi_type: str, run_id: str, run_date: datetime, n_jobs: int | None) -> dict:
     """A task whose only job is to call the month's flow, so the task runner can
-    run months in threads; each month is still its own (sub)flow run."""
-    return ride_duration_prediction(taxi_type=taxi_type, run_id=run_id, run_date=run_date, n_jobs=n_jobs)
+    run months in threads; each month is still its own (sub)flow run.
+
+    The subflow runs without its own heartbeat: it lives in the backfill's process,
+    whose flow run already sends one (what zombie detection watches), and Prefect
+    3.9 waits up to a second for a flow's heartbeat thread to wake up when the flow
+    ends, about a second per month otherwise (measured in `make bench-batch`).
+    """
+    _creating_subflow.acquire()
+    _release_when_started.release = _creating_subflow.release
+    try:
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            return ride_duration_prediction(taxi_type=taxi_type, run_id=run_id, run_date=run_date, n_jobs=n_jobs)
+    finally:
+        _subflow_started()  # the flow never started (e.g. it could not be created)
 
 
 @flow(name=BACKFILL_FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=BACKFILL_WORKERS))
 def ride_duration_prediction_backfill(taxi_type: str = "green", run_id: str | None = None,
                                       start_date: date | str = "2021-01", end_date: date | str = "2021-02",
-                                      parallel: bool = True) -> list[dict]:
+                                      parallel: bool = True, n_jobs: int | None = None) -> list[dict]:
     """Score every month from `start_date` to `end_date` (inclusive), one subflow each.
 
     Parallel is safe here because the model is resolved to one version and loaded
     once before the months start; predicting only reads it; each month writes its
     own key; and the forest predicts with one thread per month so two months use
-    the two cores instead of fighting over them.
+    the two cores instead of fighting over them. `n_jobs` overrides the forest's
+    threads per month (default: 1 when parallel, every core when sequential).
 
-    On the local Prefect server (SQLite) subflows created at the same instant can
-    get HTTP 503 "database is locked"; the client retries after ~2 s, which staggers
-    the months' starts (PostgreSQL-backed servers do not).
+    Month subflow runs are created one at a time (see `_creating_subflow`), then
+    run side by side.
     """
     logger = get_run_logger()
     months = months_between(start_date, end_date)
@@ -99,10 +128,10 @@ def ride_duration_prediction_backfill(taxi_type: str = "green", run_id: str | No
     # A run id (not the alias): every month uses the version resolved above.
     args = [(taxi_type, model.run_id, run_date_for(y, m)) for y, m in months]
     if parallel:
-        futures = [score_month_subflow.submit(*a, n_jobs=1) for a in args]
+        futures = [score_month_subflow.submit(*a, n_jobs=n_jobs or 1) for a in args]
         states = [f.wait() or f.state for f in futures]
     else:
-        states = [score_month_subflow(*a, n_jobs=-1, return_state=True) for a in args]
+        states = [score_month_subflow(*a, n_jobs=n_jobs or -1, return_state=True) for a in args]
     results, failures = [], []
     for (y, m), state in zip(months, states):
         if state.is_completed():
@@ -112,9 +141,6 @@ def ride_duration_prediction_backfill(taxi_type: str = "green", run_id: str | No
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(months)} month(s) failed: " + "; ".join(failures))
     return results
-
-
-
 
 
 @contextlib.contextmanager

@@ -169,7 +169,7 @@ class LocalStack:
             # HTTP 503, the client retries 2 s later) when another write commits in
             # between. By default the server commits every task-run event on its
             # own; committing them in batches (at most 1 s late in the UI) made
-            # those stalls rare: 8 -> 1 in 36 subflows (tests/batch, make bench-batch).
+            # those stalls rare: 8 -> 1 in 36 empty subflows (make bench-batch counts them).
             for key, value in (("TASK_RUN_RECORDER_BATCH_SIZE", "100"), ("TASK_RUN_RECORDER_FLUSH_INTERVAL", "1"),
                                ("EVENT_PERSISTER_BATCH_SIZE", "500")):
                 env.setdefault(f"PREFECT_SERVER_SERVICES_{key}", value)

@@ -40,14 +40,13 @@ BACKFILL_WORKERS = 2
 # 503 "database is locked", and the client waits 2 s before retrying. Creating a
 # subflow run takes ~0.1 s. The lock is released as soon as the month's flow starts.
 _creating_subflow = threading.Lock()
-_release_when_started = threading.local()
+_this_thread = threading.local()  # .holds_lock: this thread's month has not started yet
 
 
 def _subflow_started() -> None:
-    release = getattr(_release_when_started, "release", None)
-    if release is not None:
-        _release_when_started.release = None
-        release()
+    if getattr(_this_thread, "holds_lock", False):
+        _this_thread.holds_lock = False
+        _creating_subflow.release()
 
 
 # NO_CACHE: the default cache key would hash the inputs; the work is a side effect
@@ -97,7 +96,7 @@ def score_month_subflow(taxi_type: str, run_id: str, run_date: datetime, n_jobs:
     ends, about a second per month otherwise (measured in `make bench-batch`).
     """
     _creating_subflow.acquire()
-    _release_when_started.release = _creating_subflow.release
+    _this_thread.holds_lock = True
     try:
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             return ride_duration_prediction(taxi_type=taxi_type, run_id=run_id, run_date=run_date, n_jobs=n_jobs)

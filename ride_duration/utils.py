@@ -44,13 +44,41 @@ def load_training_dataframe(path, y_min: float = 1, y_max: float = 60, columns=N
     return add_duration(df, y_min=y_min, y_max=y_max)
 
 
-def _bad(index, field: str, problem: str) -> ValueError:
-    return ValueError(f"ride {index}: field {field!r} {problem}")
+# ---------------------------------------------------------------- the ride contract
+# One definition of a ride every deployment accepts (web, stream, batch):
+# the three fields present and numeric (booleans are not numbers), zone ids
+# integral TLC zones, the distance finite and within MAX_TRIP_DISTANCE.
+# TLC zone ids: 1..263 are zones, 264/265 are "unknown"/"outside NYC" (taxi_zone_lookup.csv).
+LOCATION_MIN, LOCATION_MAX = 1, 265
+# Longer than any trip inside the TLC area; bigger values are meter glitches
+# (23-75 rides a month in the real files). It also keeps values far below
+# float32's 3.4e38, where the forest's input check would raise.
+MAX_TRIP_DISTANCE = 500.0
+_SHOWN_CHARS = 40
 
 
-def _check_ride(index, ride: Mapping) -> tuple[int, int, float]:
+class InvalidRide(ValueError):
+    """A ride outside the contract; the message names the ride and the field."""
+
+
+def show_value(value) -> str:
+    """A value as the client gave it, short: `500.0000001`, not `500`; never a
+    5,000-digit int in full (its str() even raises past Python's digit limit)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _bad(index, field: str, problem: str) -> InvalidRide:
+    return InvalidRide(f"ride {index}: field {field!r} {problem}")
+
+
+def check_ride(ride: Mapping, index=0) -> tuple[int, int, float]:
+    """One ride (a mapping) -> (PULocationID, DOLocationID, trip_distance), or InvalidRide."""
     if not isinstance(ride, Mapping):
-        raise ValueError(f"ride {index}: expected an object with {', '.join(FEATURE_FIELDS)}, got {type(ride).__name__}")
+        raise InvalidRide(f"ride {index}: expected an object with {', '.join(FEATURE_FIELDS)}, "
+                          f"got {type(ride).__name__}")
     values = []
     for field in FEATURE_FIELDS:
         if field not in ride or ride[field] is None:
@@ -58,15 +86,53 @@ def _check_ride(index, ride: Mapping) -> tuple[int, int, float]:
         value = ride[field]
         # bool is an int subclass; a ride with `true` as a distance is a client bug.
         if isinstance(value, bool) or not isinstance(value, (Real, np.number)):
-            raise _bad(index, field, f"must be a number, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise _bad(index, field, f"must be finite, got {value!r}")
+            raise _bad(index, field, f"must be a number, got {show_value(value)}")
+        if not isinstance(value, (int, np.integer)) and not math.isfinite(float(value)):
+            raise _bad(index, field, f"must be finite, got {show_value(value)}")
         values.append(value)
     pu, do, dist = values
     for field, loc in (("PULocationID", pu), ("DOLocationID", do)):
-        if float(loc) != int(loc):
-            raise _bad(index, field, f"must be an integer, got {loc!r}")
+        if not isinstance(loc, (int, np.integer)) and float(loc) != int(loc):
+            raise _bad(index, field, f"must be an integer, got {show_value(loc)}")
+        if not LOCATION_MIN <= loc <= LOCATION_MAX:
+            raise _bad(index, field, f"must be a TLC zone id between {LOCATION_MIN} and {LOCATION_MAX}, "
+                                     f"got {show_value(loc)}")
+    if not 0 <= dist <= MAX_TRIP_DISTANCE:
+        raise _bad(index, "trip_distance",
+                   f"must be between 0 and {MAX_TRIP_DISTANCE:g} miles, got {show_value(dist)}")
     return int(pu), int(do), float(dist)
+
+
+def ride_problems(frame: pd.DataFrame) -> pd.Series:
+    """The contract on a whole frame, vectorised: per row the first problem as a
+    sentence (same wording as `check_ride`), or NA for a valid ride."""
+    check_columns(frame, FEATURE_FIELDS, source="rides")
+    problems = pd.Series(None, index=frame.index, dtype=object)
+
+    def flag(mask, field: str, problem: str) -> None:
+        mask = np.asarray(mask, dtype=bool) & problems.isna().to_numpy()
+        problems[mask] = f"field {field!r} {problem}"
+
+    for field in FEATURE_FIELDS:
+        column = frame[field]
+        flag(column.isna(), field, "is missing")
+        if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
+            numeric = pd.to_numeric(column, errors="coerce") if not pd.api.types.is_bool_dtype(column) \
+                else pd.Series(np.nan, index=frame.index)
+            flag(numeric.isna(), field, "must be a number")
+        else:
+            numeric = column
+        values = numeric.to_numpy(dtype=float, na_value=np.nan)
+        with np.errstate(invalid="ignore"):
+            flag(np.isinf(values), field, "must be finite")
+            if field == "trip_distance":
+                flag((values < 0) | (values > MAX_TRIP_DISTANCE), field,
+                     f"must be between 0 and {MAX_TRIP_DISTANCE:g} miles")
+            else:
+                flag(values % 1 != 0, field, "must be an integer")
+                flag((values < LOCATION_MIN) | (values > LOCATION_MAX), field,
+                     f"must be a TLC zone id between {LOCATION_MIN} and {LOCATION_MAX}")
+    return problems
 
 
 def pu_do_column(frame: pd.DataFrame) -> pd.Series:
@@ -78,8 +144,11 @@ def pu_do_column(frame: pd.DataFrame) -> pd.Series:
 def prepare_features(rides) -> list[dict]:
     """Rides (a list of dicts or a DataFrame) -> the pipeline's feature dicts.
 
-    `{"PU_DO": "<PU>_<DO>", "trip_distance": float}` per ride. Bad rides raise a
-    ValueError naming the ride and the field, never a KeyError from pandas.
+    `{"PU_DO": "<PU>_<DO>", "trip_distance": float}` per ride. A list of rides is
+    held to the whole contract (`check_ride`); a DataFrame, the training data, only
+    to types: training keeps the course's recipe (every ride of 1-60 minutes), and
+    batch filters a month with `ride_problems` first. Bad rides raise an
+    InvalidRide naming the ride and the field, never a KeyError from pandas.
     """
     if isinstance(rides, pd.DataFrame):
         check_columns(rides, FEATURE_FIELDS, source="rides")
@@ -100,6 +169,6 @@ def prepare_features(rides) -> list[dict]:
         raise ValueError(f"rides must be a list of ride objects or a DataFrame, got {type(rides).__name__}")
     features = []
     for i, ride in enumerate(rides):
-        pu, do, dist = _check_ride(i, ride)
+        pu, do, dist = check_ride(ride, i)
         features.append({"PU_DO": f"{pu}_{do}", "trip_distance": dist})
     return features

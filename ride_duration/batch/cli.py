@@ -71,7 +71,18 @@ def _run(body) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--taxi-type", default="green", choices=TAXI_TYPES)
-    parser.add_argument("--run-id", help="model: MLflow run id, alias or model URI (default: the production alias)")
+    parser.add_argument("--run-id", help="model: an MLflow run id, an alias, a models:/ or S3 URI (default: as the "
+                                         "services: MODEL_URI, MODEL_ID + EXPERIMENT_ID from S3, else the production alias)")
+
+
+def _pinned_model(ref: str | None) -> str:
+    """Resolve the model before any flow run exists: a tracking server that is down
+    fails here in seconds with one sentence, and the flow gets the pinned URI."""
+    from ..predict import resolve_model
+
+    model = resolve_model(ref)
+    print(f"model {model.uri} (run {model.run_id})", file=sys.stderr)
+    return model.uri
 
 
 # ----------------------------------------------------------------------------- score
@@ -89,7 +100,8 @@ def score_main(argv=None) -> int:
         from .core import run_date_for
         from .flows import ride_duration_prediction
 
-        result = ride_duration_prediction(taxi_type=args.taxi_type, run_id=args.run_id,
+        model = _pinned_model(args.run_id)
+        result = ride_duration_prediction(taxi_type=args.taxi_type, run_id=model,
                                           run_date=run_date_for(args.year, args.month))
         print(json.dumps(result, indent=1))
 
@@ -109,11 +121,13 @@ def backfill_main(argv=None) -> int:
         _prefect_ready()
         from .flows import ride_duration_prediction_backfill
 
+        (y0, m0), (y1, m1) = args.start, args.end
         results = ride_duration_prediction_backfill(
-            taxi_type=args.taxi_type, run_id=args.run_id, parallel=not args.sequential,
-            start_date="%04d-%02d" % args.start, end_date="%04d-%02d" % args.end)
+            taxi_type=args.taxi_type, run_id=_pinned_model(args.run_id), parallel=not args.sequential,
+            start_date=f"{y0:04d}-{m0:02d}", end_date=f"{y1:04d}-{m1:02d}")
         for r in results:
-            print(f"{r['year']:04d}-{r['month']:02d}  {r['rows']:>9,d} rides  RMSE {r['rmse']:.3f}  -> {r['output_file']}")
+            print(f"{r['year']:04d}-{r['month']:02d}  {r['rows']:>9,d} rides  RMSE {r['rmse']:.3f}  "
+                  f"{r['rejected']:>5,d} rejected  -> {r['output_file']}")
 
     return _run(body)
 
@@ -123,7 +137,7 @@ def report_main(argv=None) -> int:
                                                  "into reports/<taxi>-<YYYY>-<MM>.ipynb.")
     parser.add_argument("--taxi-type", default="green", choices=TAXI_TYPES)
     parser.add_argument("--month", type=_month, required=True, help="month to score, YYYY-MM")
-    parser.add_argument("--model", help="alias or MLflow run id (default: the notebook's, production)")
+    parser.add_argument("--model", help="alias, MLflow run id or model URI (default: the notebook's)")
     parser.add_argument("--input-file", help="override the input parquet (s3://, URL or path)")
     parser.add_argument("--output-file", help="override where the predictions go")
     parser.add_argument("--output-dir", help="where the executed notebook goes (default: reports/)")
@@ -162,7 +176,8 @@ def main(argv=None) -> int:
     schedule = sub.add_parser("schedule", help="create/update the deployment and preview its next 3 runs")
     for p in (deploy, schedule):
         p.add_argument("--taxi-type", default="green", choices=TAXI_TYPES)
-        p.add_argument("--model", help="alias or run id the runs use (default: production alias)")
+        p.add_argument("--model", help="alias, run id or model URI every run uses (default: each run finds its "
+                                       "model as the services do, in the runner's environment)")
     delegated = {"score": score_main, "backfill": backfill_main, "report": report_main}
     for name in delegated:
         sub.add_parser(name, help=f"see `{name} --help`", add_help=False)

@@ -10,11 +10,11 @@ import contextlib
 import copy
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 
@@ -26,8 +26,18 @@ import pyarrow.parquet as pq
 from ..aws import s3_client, split_s3_uri, storage_options
 from ..config import Settings, get_settings
 from ..data import DataUnavailable, fetch_month, filename, official_url
-from ..predict import load_model, make_prediction
-from ..utils import REQUIRED_COLUMNS, TARGET, add_duration, check_columns, pu_do_column
+from ..predict import ModelRef, load_model, make_prediction, resolve_model  # noqa: F401 (batch.resolve_model)
+from ..utils import (
+    DATETIME_COLUMNS,
+    FEATURE_FIELDS,
+    REQUIRED_COLUMNS,
+    TARGET,
+    InvalidRide,
+    add_duration,
+    check_ride,
+    pu_do_column,
+    ride_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +47,24 @@ RESULT_COLUMNS = (
 )
 # Rows per read/predict/write step: bounds memory for yellow-taxi-sized months.
 BATCH_SIZE = 250_000
-RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+# A month fails when more than this share of its rides of 1-60 minutes break the
+# ride contract (utils.ride_problems): a few bad rows are rejected and reported,
+# a file that is mostly garbage is not scored at all.
+REJECT_LIMIT = 0.01
+# A rejected ride: its row in the input file, its columns as read, its duration, why.
+REJECT_COLUMNS = ("row", *REQUIRED_COLUMNS, TARGET, "reason")
 
 
 class InputNotFound(FileNotFoundError):
     """The month's input file does not exist where it was looked for."""
+
+
+class InputUnreadable(ValueError):
+    """The month's input exists but is not a readable parquet with the needed columns."""
+
+
+class TooManyRejects(ValueError):
+    """More than REJECT_LIMIT of the month's rides break the ride contract."""
 
 
 # ----------------------------------------------------------------------------- paths
@@ -87,6 +110,16 @@ def output_location(taxi_type: str, year: int, month: int, run_id: str, settings
     )
 
 
+def rejects_location(output_file: str) -> str:
+    """Where the rides a month could not score go: beside the output, `_<name>.rejects.parquet`
+    (`.../month=02/_<run_id>.rejects.parquet`). The leading underscore keeps the file out of
+    the predictions dataset: pyarrow/pandas, Spark, Hive and Athena skip `_` files when they
+    read a folder, so `pd.read_parquet(".../taxi_type=green/")` sees predictions only."""
+    folder, _, name = output_file.rpartition("/")
+    stem = name.removesuffix(".parquet")
+    return f"{folder}/_{stem}.rejects.parquet" if folder else f"_{stem}.rejects.parquet"
+
+
 def get_paths(run_date, taxi_type: str, run_id: str, settings: Settings | None = None) -> BatchPaths:
     """Input and output of the run on `run_date`: it scores the month before."""
     year, month = previous_month(run_date)
@@ -106,60 +139,36 @@ def month_paths(taxi_type: str, year: int, month: int, run_id: str, *, input_fil
     )
 
 
-def summarize(paths: BatchPaths, result: pd.DataFrame) -> dict:
-    """The month's figures as plain JSON-able values (the report's `summary`)."""
+def summarize(paths: BatchPaths, result: pd.DataFrame, rejects: pd.DataFrame | None = None) -> dict:
+    """The month's figures as plain JSON-able values (the report's `summary`).
+
+    `rows` and `rmse` are over the rides scored; `rejected` counts the rides the
+    contract refused (`rejected_by_reason`), written to `rejects_file`."""
     diff = result["diff"].to_numpy(dtype=float)
+    n_rejected = 0 if rejects is None else len(rejects)
     return {
         "taxi_type": paths.taxi_type,
         "year": paths.year,
         "month": paths.month,
-        "rows": int(len(result)),
+        "rows": len(result),
         "rmse": round(float(np.sqrt(np.mean(diff**2))), 3),
         "mean_diff": round(float(diff.mean()), 3),
         "model_version": str(result["model_version"].iloc[0]),
         "output_file": paths.output_file,
+        "rejected": n_rejected,
+        "rejected_by_reason": reason_counts(rejects) if n_rejected else {},
+        "rejects_file": rejects_location(paths.output_file) if n_rejected else None,
     }
 
 
+def reason_counts(rejects: pd.DataFrame) -> dict[str, int]:
+    """Rejected rides per reason, most frequent first."""
+    return {str(k): int(v) for k, v in rejects["reason"].value_counts().items()}
+
+
 # ----------------------------------------------------------------------------- model
-@dataclass(frozen=True)
-class ModelRef:
-    """A model pinned to one version: `uri` never moves, `run_id` names the outputs."""
-
-    uri: str
-    run_id: str
-
-
-def resolve_model(ref: str | None = None, settings: Settings | None = None) -> ModelRef:
-    """A run id, an alias (`production`), or a model URI -> a pinned `ModelRef`.
-
-    An alias is resolved once, here, so every month of a backfill uses the same
-    version even if someone moves the alias meanwhile.
-    """
-    settings = settings or get_settings()
-    ref = ref or settings.model_alias
-    if RUN_ID_PATTERN.match(ref):
-        return ModelRef(uri=f"runs:/{ref}/model", run_id=ref)
-    name = settings.model_name
-    if ref.startswith("models:/") and "@" in ref:
-        name, ref = ref.removeprefix("models:/").split("@", 1)
-    elif "/" in ref or ":" in ref:
-        _, version = load_cached_model(ref)  # a pinned URI: its MLmodel file knows the run id
-        return ModelRef(uri=ref, run_id=version)
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from ..predict import ModelNotFound
-
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    try:
-        mv = MlflowClient().get_model_version_by_alias(name, ref)
-    except MlflowException as exc:
-        raise ModelNotFound(
-            f"no model {name}@{ref} on the tracking server {settings.mlflow_tracking_uri}: {exc.message}"
-        ) from exc
-    return ModelRef(uri=f"models:/{name}/{mv.version}", run_id=mv.run_id)
+# `ModelRef` and `resolve_model` live in ride_duration.predict (imported above): batch
+# finds its model exactly as the web service and the stream do.
 
 
 _models: dict[str, tuple] = {}
@@ -197,16 +206,26 @@ def open_input(paths: BatchPaths, settings: Settings | None = None) -> str:
         except DataUnavailable as exc:
             raise InputNotFound(f"no input for {paths.label}: {exc}") from exc
     if location.startswith("s3://"):
-        bucket, key = split_s3_uri(location)
-        from botocore.exceptions import ClientError
-
-        try:
-            s3_client(settings).head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            raise InputNotFound(f"no input for {paths.label}: {location} does not exist ({exc})") from exc
+        _head_s3_input(paths, location, settings)
     elif "://" not in location and not Path(location).is_file():
         raise InputNotFound(f"no input for {paths.label}: {location} does not exist")
     return location
+
+
+def _head_s3_input(paths: BatchPaths, location: str, settings: Settings) -> None:
+    """InputNotFound for a missing object; InputUnreadable for any other refusal (403, no endpoint)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3_uri(location)
+    try:
+        s3_client(settings).head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+            raise InputNotFound(f"no input for {paths.label}: {location} does not exist ({exc})") from exc
+        raise InputUnreadable(f"{paths.label}: {location} could not be read: {exc}") from exc
+    except BotoCoreError as exc:
+        raise InputUnreadable(f"{paths.label}: {location} could not be read: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -217,21 +236,102 @@ def _parquet_file(location: str):
         yield pq.ParquetFile(f)
 
 
-def iter_month(location: str, batch_size: int = BATCH_SIZE):
+def _check_schema(schema: pa.Schema, where: str) -> None:
+    """Missing columns, or pickup/dropoff times that are not timestamps: one sentence."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+    if missing:
+        raise InputUnreadable(f"{where} is missing required column(s): {', '.join(missing)}")
+    for column in DATETIME_COLUMNS:
+        if not pa.types.is_timestamp(schema.field(column).type):
+            raise InputUnreadable(f"{where}: column {column!r} holds {schema.field(column).type}, not timestamps")
+
+
+_ROW = "__row__"  # the file's row numbers, carried through the duration filter
+
+
+def iter_month(location: str, batch_size: int = BATCH_SIZE, label: str | None = None):
     """DataFrames of at most `batch_size` rides with `duration`, filtered to 1-60 min.
 
-    Only the five needed columns are read, one batch at a time.
+    Only the five needed columns are read, one batch at a time. Each frame's index
+    is the ride's row number in the file (rejects and errors name it). A file that
+    is not a readable parquet with those columns (truncated, corrupt, a refused S3
+    read) raises InputUnreadable naming the month (`label`) and the file.
     """
-    with _parquet_file(location) as pf:
-        check_columns(pd.DataFrame(columns=pf.schema_arrow.names), REQUIRED_COLUMNS, source=location)
-        for batch in pf.iter_batches(batch_size=batch_size, columns=list(REQUIRED_COLUMNS)):
-            yield add_duration(batch.to_pandas())
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    where = f"{label}: {location}" if label else location
+    try:
+        with _parquet_file(location) as pf:
+            _check_schema(pf.schema_arrow, where)
+            offset = 0
+            for batch in pf.iter_batches(batch_size=batch_size, columns=list(REQUIRED_COLUMNS)):
+                frame = batch.to_pandas().assign(**{_ROW: np.arange(offset, offset + batch.num_rows)})
+                offset += batch.num_rows
+                df = add_duration(frame)
+                df.index = pd.Index(df.pop(_ROW).to_numpy(), name=None)
+                yield df
+    except InputUnreadable:
+        raise
+    except (pa.ArrowException, OSError, ClientError, BotoCoreError) as exc:
+        raise InputUnreadable(f"{where} could not be read as parquet: {exc}") from exc
 
 
-def read_month(location: str) -> pd.DataFrame:
-    """The whole month at once (notebooks); `iter_month` for the streaming path."""
-    frames = list(iter_month(location))
-    return pd.concat(frames, ignore_index=True) if len(frames) != 1 else frames[0]
+def split_rides(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rides the contract accepts, rejected rides with their `reason`): `utils.ride_problems`,
+    the definition the web service and the stream apply to each ride."""
+    problems = ride_problems(df)
+    bad = problems.notna().to_numpy()
+    if not bad.any():
+        return df, _rejects_frame(df.iloc[:0], problems.iloc[:0])
+    return df[~bad], _rejects_frame(df[bad], problems[bad])
+
+
+def _rejects_frame(df: pd.DataFrame, reasons: pd.Series) -> pd.DataFrame:
+    columns = {"row": df.index.to_numpy(dtype="int64")}
+    for name in (*REQUIRED_COLUMNS, TARGET):
+        values = df[name]
+        # One schema for every batch: an int column with a null comes back from
+        # arrow as float in one batch and int in the next.
+        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        columns[name] = values.to_numpy(dtype=float, na_value=np.nan) if numeric else values.to_numpy()
+    columns["reason"] = reasons.astype(str).to_numpy()
+    return pd.DataFrame(columns, columns=list(REJECT_COLUMNS))
+
+
+def read_month_and_rejects(location: str, label: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The whole month at once (notebooks): (valid rides of 1-60 minutes, rejected rides)."""
+    pairs = [split_rides(df) for df in iter_month(location, label=label)]
+    if not pairs:  # a file without rows
+        return pd.DataFrame(columns=[*REQUIRED_COLUMNS, TARGET]), pd.DataFrame(columns=list(REJECT_COLUMNS))
+    return _concat([v for v, _ in pairs]), _concat([r for _, r in pairs])
+
+
+def read_month(location: str, label: str | None = None) -> pd.DataFrame:
+    """The month's valid rides of 1-60 minutes at once; `iter_month` for the streaming path."""
+    return read_month_and_rejects(location, label)[0]
+
+
+def _concat(frames) -> pd.DataFrame:
+    return frames[0] if len(frames) == 1 else pd.concat(frames)
+
+
+def check_rejects(paths: BatchPaths, location: str, scored: int, reasons: dict[str, int]) -> None:
+    """Fail the month (TooManyRejects) when more than REJECT_LIMIT of its rides of 1-60
+    minutes break the contract, or when there is nothing to score."""
+    rejected = sum(reasons.values())
+    total = scored + rejected
+    if total == 0:
+        raise ValueError(f"{paths.label}: {location} has no rides of 1 to 60 minutes; nothing was published")
+    share = rejected / total
+    if share > REJECT_LIMIT:
+        raise TooManyRejects(
+            f"{paths.label}: {rejected:,} of {total:,} rides of 1-60 minutes in {location} ({share:.1%}) break "
+            f"the ride contract, above the {REJECT_LIMIT:.0%} limit ({_reasons_text(reasons)}); nothing was published"
+        )
+
+
+def _reasons_text(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} with {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
 
 
 # ----------------------------------------------------------------------------- predict + results
@@ -257,8 +357,9 @@ def design_matrix(model, df: pd.DataFrame):
     column operations instead of one Python dict per ride (a third of the time of a
     month, and it holds the GIL, so months in threads could not overlap).
 
-    None when this fast path does not apply (another model layout, non-numeric or
-    missing values): callers then use `make_prediction`, which also reports bad rows.
+    Only for rides that passed the contract (`predict_durations` checks, `score_month`
+    splits the rejects off first). None when this fast path does not apply (another
+    model layout, non-numeric or missing values): callers then use `make_prediction`.
     tests/batch/test_core.py checks equality with `DictVectorizer.transform`.
     """
     from scipy import sparse
@@ -293,7 +394,33 @@ def design_matrix(model, df: pd.DataFrame):
 
 
 def predict_durations(model, df: pd.DataFrame, n_jobs: int | None = -1) -> np.ndarray:
-    """Predicted minutes; batch is throughput-bound, so the trees run in `n_jobs` threads."""
+    """Predicted minutes for rides that all satisfy the ride contract, else InvalidRide
+    naming the first bad ride (its row) and field: `split_rides` first to score the rest.
+    Batch is throughput-bound, so the trees run in `n_jobs` threads."""
+    problems = ride_problems(df)
+    if problems.notna().any():
+        raise _first_invalid(df, problems)
+    return _predict_valid(model, df, n_jobs)
+
+
+def _first_invalid(df: pd.DataFrame, problems: pd.Series) -> InvalidRide:
+    """The scalar contract's sentence (with the value) for the first row `ride_problems` refused."""
+    position = int(np.flatnonzero(problems.notna().to_numpy())[0])
+    label = df.index[position]
+    # Python scalars, so the message shows `1e+39`, not `np.float64(1e+39)`.
+    ride = {column: _scalar(df[column].iloc[position]) for column in FEATURE_FIELDS}
+    try:
+        check_ride(ride, label)
+    except InvalidRide as exc:
+        return exc
+    return InvalidRide(f"ride {label}: {problems.iloc[position]}")
+
+
+def _scalar(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _predict_valid(model, df: pd.DataFrame, n_jobs: int | None) -> np.ndarray:
     model = with_n_jobs(model, n_jobs)
     X = design_matrix(model, df)
     if X is None:
@@ -324,8 +451,9 @@ def build_results(df: pd.DataFrame, predictions, model_version: str) -> pd.DataF
         {
             "ride_id": pd.arrays.ArrowStringArray(generate_uuids(len(df))),
             "lpep_pickup_datetime": df["lpep_pickup_datetime"].to_numpy(),
-            "PULocationID": df["PULocationID"].to_numpy(),
-            "DOLocationID": df["DOLocationID"].to_numpy(),
+            # int64 always: a batch whose column had a null (rejected) comes back as float.
+            "PULocationID": df["PULocationID"].to_numpy(dtype="int64"),
+            "DOLocationID": df["DOLocationID"].to_numpy(dtype="int64"),
             "trip_distance": df["trip_distance"].to_numpy(dtype=float),
             "actual_duration": actual,
             "predicted_duration": predictions,
@@ -338,13 +466,16 @@ def build_results(df: pd.DataFrame, predictions, model_version: str) -> pd.DataF
 
 # ----------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
-def atomic_parquet(output_file: str, settings: Settings | None = None):
+def atomic_parquet(output_file: str, settings: Settings | None = None, *, required: bool = True):
     """Yield `write(frame)`; the parquet appears at `output_file` only if the block succeeds.
 
     Rows go to a local temporary file; then one atomic step publishes it: os.replace
     for a local path; for S3 an upload, which is all-or-nothing (PutObject, or a
     multipart upload that only becomes an object on completion). A crash leaves no
     partial object, and an earlier output for the same key stays intact.
+
+    When nothing was written: an error if `required`, else an earlier object at
+    `output_file` is removed (a re-run without rejects leaves no stale rejects).
     """
     settings = settings or get_settings()
     is_s3 = output_file.startswith("s3://")
@@ -367,7 +498,10 @@ def atomic_parquet(output_file: str, settings: Settings | None = None):
     try:
         yield write
         if writer is None:
-            raise ValueError(f"nothing to write to {output_file}: no rides")
+            if required:
+                raise ValueError(f"nothing to write to {output_file}: no rides")
+            remove_output(output_file, settings)
+            return
         writer.close()
         writer = None
         if is_s3:
@@ -379,6 +513,25 @@ def atomic_parquet(output_file: str, settings: Settings | None = None):
         if writer is not None:
             writer.close()
         Path(tmp_name).unlink(missing_ok=True)
+
+
+def remove_output(output_file: str, settings: Settings | None = None) -> None:
+    """Delete an output object or file if it exists."""
+    if output_file.startswith("s3://"):
+        bucket, key = split_s3_uri(output_file)
+        s3_client(settings or get_settings()).delete_object(Bucket=bucket, Key=key)  # idempotent
+    else:
+        Path(output_file).unlink(missing_ok=True)
+
+
+def save_rejects(rejects: pd.DataFrame, output_file: str, settings: Settings | None = None) -> str | None:
+    """Publish the rejected rides beside `output_file` (`rejects_location`) atomically, or
+    remove an earlier rejects object when there are none; returns its location or None."""
+    location = rejects_location(output_file)
+    with atomic_parquet(location, settings, required=False) as write:
+        if len(rejects):
+            write(rejects)
+    return location if len(rejects) else None
 
 
 def save_results(df: pd.DataFrame, predictions, run_id: str, output_file: str,
@@ -393,6 +546,8 @@ def save_results(df: pd.DataFrame, predictions, run_id: str, output_file: str,
 # ----------------------------------------------------------------------------- one month
 @dataclass(frozen=True)
 class MonthResult:
+    """`rows` and `rmse` are over the rides scored; `rejected` rides (by reason) are in `rejects_file`."""
+
     taxi_type: str
     year: int
     month: int
@@ -402,6 +557,9 @@ class MonthResult:
     output_file: str
     model_version: str
     seconds: float
+    rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    rejects_file: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -410,30 +568,51 @@ class MonthResult:
 def score_month(paths: BatchPaths, model, model_version: str, *, batch_size: int = BATCH_SIZE,
                 n_jobs: int | None = -1, settings: Settings | None = None,
                 logger: logging.Logger | logging.LoggerAdapter | None = None) -> MonthResult:
-    """Read, predict and write one month in batches; nothing is published on failure."""
+    """Read, predict and write one month in batches; nothing is published on failure.
+
+    Rides that break the contract are not scored: they go to `rejects_location(output)`
+    with their reason, and the month fails only when they are more than REJECT_LIMIT of it.
+    """
     settings = settings or get_settings()
     logger = logger or log
     start = time.perf_counter()
     location = open_input(paths, settings)
     logger.info("%s: reading %s", paths.label, location)
+    rejects_file = rejects_location(paths.output_file)
     rows, squared, total_diff = 0, 0.0, 0.0
-    with atomic_parquet(paths.output_file, settings) as write:
-        for df in iter_month(location, batch_size):
-            if df.empty:
+    reasons: Counter[str] = Counter()
+    # Nested: on success the rejects are published (or a stale object removed) first,
+    # then the predictions; on any failure neither is.
+    with atomic_parquet(paths.output_file, settings) as write, \
+            atomic_parquet(rejects_file, settings, required=False) as write_rejects:
+        for df in iter_month(location, batch_size, label=paths.label):
+            valid, rejects = split_rides(df)
+            if len(rejects):
+                write_rejects(rejects)
+                reasons.update(reason_counts(rejects))
+            if valid.empty:
                 continue
-            result = build_results(df, predict_durations(model, df, n_jobs), model_version)
+            result = build_results(valid, _predict_valid(model, valid, n_jobs), model_version)
             write(result)
             diff = result["diff"].to_numpy()
             rows += len(result)
             squared += float(diff @ diff)
             total_diff += float(diff.sum())
             logger.info("%s: scored %d rides so far", paths.label, rows)
+        check_rejects(paths, location, rows, reasons)
     seconds = time.perf_counter() - start
+    rejected = sum(reasons.values())
     logger.info("%s: wrote %d predictions to %s in %.1f s", paths.label, rows, paths.output_file, seconds)
+    if rejected:
+        logger.warning("%s: rejected %d of %d rides (%.2f%%, limit %.0f%%): %s; written to %s", paths.label,
+                       rejected, rows + rejected, 100 * rejected / (rows + rejected), 100 * REJECT_LIMIT,
+                       _reasons_text(reasons), rejects_file)
     return MonthResult(
         taxi_type=paths.taxi_type, year=paths.year, month=paths.month, rows=rows,
         rmse=float(np.sqrt(squared / rows)), mean_diff=total_diff / rows,
         output_file=paths.output_file, model_version=model_version, seconds=seconds,
+        rejected=rejected, rejected_by_reason=dict(reasons.most_common()),
+        rejects_file=rejects_file if rejected else None,
     )
 
 

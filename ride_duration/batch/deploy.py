@@ -9,12 +9,11 @@ process that polls the server and executes each due run in a subprocess.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron
 
-from ..config import get_settings
 from .flows import FLOW_NAME, ride_duration_prediction
 
 DEPLOYMENT_NAME = "monthly"
@@ -27,13 +26,15 @@ FULL_NAME = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
 def monthly_deployment(taxi_type: str = "green", model: str | None = None):
     """The deployment object (nothing sent to the server yet).
 
-    `model` defaults to the production alias: each run resolves it to a run id,
-    so promoting a new model changes next month's run without redeploying.
+    Without `model`, each run finds its model as the services do, in the runner's
+    environment (MODEL_URI; MODEL_ID + EXPERIMENT_ID from S3; else the registry alias,
+    resolved to a version at each run, so promoting a new model changes next month's
+    run without redeploying). A `model` given here overrides that for every run.
     """
     return ride_duration_prediction.to_deployment(
         name=DEPLOYMENT_NAME,
         schedules=[Cron(CRON, timezone=TIMEZONE)],
-        parameters={"taxi_type": taxi_type, "run_id": model or get_settings().model_alias},
+        parameters={"taxi_type": taxi_type, **({"run_id": model} if model else {})},
         tags=TAGS,
         description="Score last month's rides on day 2 at 03:00 UTC.",
         # Module path, not file path: the runner finds the flow from any cwd.
@@ -65,10 +66,10 @@ def preview_schedule(n: int = 3, after: datetime | None = None, name: str = FULL
         raise ValueError(f"deployment {name} has no schedule")
     stored = deployment.schedules[0].schedule
     schedule = CronSchedule(cron=stored.cron, timezone=stored.timezone, day_or=stored.day_or)
-    start = after or datetime.now(timezone.utc)
+    start = after or datetime.now(UTC)
     # get_dates is async (the server's scheduler awaits it); run_coro_as_sync also works in Jupyter.
     dates = run_coro_as_sync(schedule.get_dates(n, start=start))
-    return [datetime.fromtimestamp(d.timestamp(), timezone.utc) for d in dates]
+    return [datetime.fromtimestamp(d.timestamp(), UTC) for d in dates]
 
 
 def serve_monthly(taxi_type: str = "green", model: str | None = None) -> None:
@@ -90,7 +91,8 @@ def start_runner(model: str | None = None, log_path=None, poll_seconds: int = 1)
     import sys
 
     cmd = [sys.executable, "-m", "ride_duration.batch", "deploy"] + (["--model", model] if model else [])
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    # Closed below: the child keeps its own copy of the descriptor.
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,

@@ -60,14 +60,17 @@ def apply_model(input_file: str, output_file: str, model: ModelRef, taxi_type: s
     logger.info("loading model %s (run %s)", model.uri, model.run_id)
     pipeline, version = load_model_ref(model)
     result = score_month(paths, pipeline, version, n_jobs=n_jobs, logger=logger)
-    logger.info("%s: %d rides, RMSE %.3f min", paths.label, result.rows, result.rmse)
+    logger.info("%s: %d rides scored, RMSE %.3f min; %d rejected", paths.label, result.rows, result.rmse,
+                result.rejected)
     return result.as_dict()
 
 
 @flow(name=FLOW_NAME)
 def ride_duration_prediction(taxi_type: str = "green", run_id: str | None = None,
                              run_date: datetime | None = None, n_jobs: int | None = -1) -> dict:
-    """Score the month before `run_date` with the model `run_id` (run id or alias).
+    """Score the month before `run_date` with the model `run_id`: a run id, an alias, a
+    `models:/` or S3 URI; default: what the services use (MODEL_URI, MODEL_ID +
+    EXPERIMENT_ID straight from S3, else the registry alias; `predict.resolve_model`).
 
     Without `run_date` the run uses its SCHEDULED start time, the orchestrator's
     date, not the worker's clock: a run scheduled for 2021-03-02 03:00 that starts
@@ -81,7 +84,7 @@ def ride_duration_prediction(taxi_type: str = "green", run_id: str | None = None
         logger.info("no run_date given: using the scheduled start time %s", run_date)
     model = resolve_model(run_id)
     paths = get_paths(run_date, taxi_type, model.run_id)
-    logger.info("run date %s -> scoring %s with model run %s", run_date, paths.label, model.run_id)
+    logger.info("run date %s -> scoring %s with model %s (run %s)", run_date, paths.label, model.uri, model.run_id)
     return apply_model(paths.input_file, paths.output_file, model, taxi_type, paths.year, paths.month, n_jobs)
 
 
@@ -124,8 +127,9 @@ def ride_duration_prediction_backfill(taxi_type: str = "green", run_id: str | No
     model = resolve_model(run_id)
     load_model_ref(model)  # once, before the threads start
     logger.info("backfill %s: %d month(s) with model run %s", taxi_type, len(months), model.run_id)
-    # A run id (not the alias): every month uses the version resolved above.
-    args = [(taxi_type, model.run_id, run_date_for(y, m)) for y, m in months]
+    # The pinned URI (not the alias, nor a run id the tracking server would have to
+    # look up): every month uses the version resolved above, loaded from the cache.
+    args = [(taxi_type, model.uri, run_date_for(y, m)) for y, m in months]
     if parallel:
         futures = [score_month_subflow.submit(*a, n_jobs=n_jobs or 1) for a in args]
         states = [f.wait() or f.state for f in futures]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,7 @@ from ride_duration.aws import storage_options
 from ride_duration.config import get_settings
 from ride_duration.utils import load_training_dataframe
 
-from .helpers import list_keys, object_exists
+from .helpers import list_keys, month_with_bad_rows, object_exists, rides_of_1_to_60_minutes
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
 
@@ -27,7 +27,7 @@ RUN_ID = "0123456789abcdef0123456789abcdef"
     [
         ("2021-03-02", (2021, 2)),
         (date(2021, 1, 5), (2020, 12)),  # across the year boundary
-        (datetime(2021, 1, 1, 0, 0, tzinfo=timezone.utc), (2020, 12)),
+        (datetime(2021, 1, 1, 0, 0, tzinfo=UTC), (2020, 12)),
         (datetime(2021, 12, 31, 23, 59), (2021, 11)),
     ],
 )
@@ -117,7 +117,7 @@ def test_crash_mid_write_to_s3_keeps_previous_object(batch_stack, feb, monkeypat
     monkeypatch.setattr(batch.core, "build_results", crash_on_second_batch)
     paths = batch.BatchPaths("green", 2021, 2, "unused", key)
     monkeypatch.setattr(batch.core, "open_input", lambda paths, settings=None: "in.parquet")
-    monkeypatch.setattr(batch.core, "iter_month", lambda location, batch_size: iter([feb[:100], feb[100:200]]))
+    monkeypatch.setattr(batch.core, "iter_month", lambda location, batch_size, **_: iter([feb[:100], feb[100:200]]))
     with pytest.raises(MemoryError):
         batch.score_month(paths, _ConstantModel(), RUN_ID)
     after = pd.read_parquet(key, storage_options=storage_options(key))
@@ -143,7 +143,7 @@ def test_missing_column_is_named(tmp_path, synthetic_months, batch_stack):
     bad = tmp_path / "green_tripdata_2021-02.parquet"
     df.to_parquet(bad)
     paths = batch.month_paths("green", 2021, 2, RUN_ID, input_file=str(bad), output_file=str(tmp_path / "o.parquet"))
-    with pytest.raises(ValueError, match="missing required column.*trip_distance"):
+    with pytest.raises(batch.InputUnreadable, match=rf"^green 2021-02: {bad} is missing required column\(s\): trip_distance$"):
         batch.score_month(paths, _ConstantModel(), RUN_ID)
     assert not (tmp_path / "o.parquet").exists()
 
@@ -181,9 +181,16 @@ def test_mirror_input_scores_like_direct_prediction(batch_stack, batch_model, re
     paths = dataclasses.replace(batch.get_paths("2021-03-02", "green", ref.run_id),
                                 output_file=str(tmp_path / "feb.parquet"))
     result = batch.score_month(paths, model, version, batch_size=20_000)
-    expected = load_training_dataframe(real_data_dir / "green_tripdata_2021-02.parquet")
+    month = load_training_dataframe(real_data_dir / "green_tripdata_2021-02.parquet")  # the course's 61,921
+    expected, rejects = batch.split_rides(month)
     written = pd.read_parquet(tmp_path / "feb.parquet")
-    assert result.rows == len(expected) == len(written) == 61921
+    # Real February 2021: 26 rides over 500 miles (up to 102,621) are rejected, like any invalid ride.
+    assert len(month) == result.rows + result.rejected == 61921
+    assert result.rows == len(expected) == len(written) == 61895
+    assert result.rejected_by_reason == {"field 'trip_distance' must be between 0 and 500 miles": 26}
+    # `row` is the ride's row in the file (load_training_dataframe numbers the rides it keeps).
+    kept = rides_of_1_to_60_minutes(real_data_dir / "green_tripdata_2021-02.parquet")
+    assert pd.read_parquet(result.rejects_file)["row"].tolist() == [kept[i] for i in rejects["row"]]
     assert (tmp_path / "cache" / "green_tripdata_2021-02.parquet").is_file()
     np.testing.assert_allclose(written["predicted_duration"], batch.predict_durations(model, expected))
     assert result.rmse == pytest.approx(np.sqrt(np.mean(written["diff"] ** 2)))
@@ -197,7 +204,9 @@ def test_design_matrix_equals_dictvectorizer(batch_model, trained_model, feb):
 
     pipeline = trained_model["pipeline"]
     rides = feb.copy()
-    rides.loc[0, ["PULocationID", "DOLocationID"]] = [999, 998]  # unseen in training
+    vocabulary = pipeline[0].vocabulary_
+    unseen = next((pu, do) for pu in range(1, 266) for do in range(1, 266) if f"PU_DO={pu}_{do}" not in vocabulary)
+    rides.loc[0, ["PULocationID", "DOLocationID"]] = unseen  # valid zones, a pair unseen in training
     fast = batch.design_matrix(pipeline, rides)
     reference = pipeline[0].transform(prepare_features(rides))
     assert fast.shape == reference.shape and (fast != reference).nnz == 0
@@ -208,3 +217,178 @@ def test_design_matrix_equals_dictvectorizer(batch_model, trained_model, feb):
     assert batch.design_matrix(pipeline, bad) is None
     with pytest.raises(ValueError, match="ride 3: field 'trip_distance' must be a number"):
         batch.predict_durations(pipeline, bad)
+
+
+def test_predict_durations_never_lets_invalid_rides_reach_the_model(trained_model, feb, monkeypatch):
+    """A distance of 1e39 used to reach the forest and fail with sklearn's float32 message,
+    naming no ride; a negative distance was scored. Both are refused, naming the ride."""
+    pipeline = trained_model["pipeline"]
+    seen = []
+    real = batch.core.design_matrix
+    monkeypatch.setattr(batch.core, "design_matrix", lambda model, df: seen.append(len(df)) or real(model, df))
+    for value, shown in ((1e39, "1e+39"), (-5.0, "-5.0")):
+        rides = feb.copy()
+        rides.loc[7, "trip_distance"] = value
+        with pytest.raises(ValueError) as info:
+            batch.predict_durations(pipeline, rides)
+        assert str(info.value) == f"ride 7: field 'trip_distance' must be between 0 and 500 miles, got {shown}"
+    assert seen == []  # the fast path never saw them
+
+
+# ----------------------------------------------------------------------------- bad rows: rejected, not fatal
+def _feb_paths(tmp_path, input_file, name="out"):
+    bucket = get_settings().predictions_bucket
+    return batch.month_paths("green", 2021, 2, RUN_ID, input_file=str(input_file),
+                             output_file=f"s3://{bucket}/rejects-test/{name}/month=02/{RUN_ID}.parquet")
+
+
+def _read_s3(uri):
+    """One object (boto3: s3fs would serve a replaced object's cached listing) or a folder."""
+    if uri.endswith("/"):
+        return pd.read_parquet(uri, storage_options=storage_options(uri))
+    import io
+
+    from ride_duration.aws import s3_client, split_s3_uri
+
+    bucket, key = split_s3_uri(uri)
+    return pd.read_parquet(io.BytesIO(s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()))
+
+
+def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_model, synthetic_months, tmp_path):
+    """One null PULocationID used to abort a month, one 1e39 distance aborted it with
+    sklearn's float32 message, negative distances were scored. Now: the valid rides are
+    scored, the others are written with their reason to the rejects object beside the
+    output, counted in the summary, and a re-run replaces both objects."""
+    source = synthetic_months[(2021, 2)]
+    kept = rides_of_1_to_60_minutes(source)
+    bad = {kept[10]: {"PULocationID": None}, kept[500]: {"trip_distance": 1e39},
+           **{kept[i]: {"trip_distance": -1.5} for i in (20, 900, 1500)},
+           kept[2000]: {"DOLocationID": 0}}
+    month = month_with_bad_rows(source, tmp_path / "green_tripdata_2021-02.parquet", bad)
+    paths = _feb_paths(tmp_path, month)
+    pipeline = trained_model["pipeline"]
+    # Batches of 500: some have the null zone (arrow gives pandas a float column), some not.
+    result = batch.score_month(paths, pipeline, RUN_ID, batch_size=500)
+
+    assert result.rows == len(kept) - 6 and result.rejected == 6
+    assert result.rejected_by_reason == {
+        "field 'trip_distance' must be between 0 and 500 miles": 4,
+        "field 'PULocationID' is missing": 1,
+        "field 'DOLocationID' must be a TLC zone id between 1 and 265": 1,
+    }
+    assert result.rejects_file == f"{paths.output_file.rpartition('/')[0]}/_{RUN_ID}.rejects.parquet"
+    rejects = _read_s3(result.rejects_file)
+    assert list(rejects.columns) == list(batch.REJECT_COLUMNS)
+    assert rejects["row"].tolist() == sorted(bad)
+    assert dict(zip(rejects["row"], rejects["reason"]))[kept[500]] == "field 'trip_distance' must be between 0 and 500 miles"
+    assert rejects.loc[rejects["row"] == kept[500], "trip_distance"].item() == 1e39
+    assert rejects.loc[rejects["row"] == kept[10], "PULocationID"].isna().all()
+
+    written = _read_s3(paths.output_file)
+    assert len(written) == result.rows and (written["trip_distance"] >= 0).all()
+    assert written["PULocationID"].dtype == "int64" and written["PULocationID"].between(1, 265).all()
+    valid = batch.split_rides(load_training_dataframe(month))[0]
+    np.testing.assert_allclose(written["predicted_duration"], batch.predict_durations(pipeline, valid))
+    assert result.rmse == pytest.approx(np.sqrt(np.mean(written["diff"] ** 2)))
+    # The `_` prefix keeps the rejects out of the predictions dataset read as a folder.
+    folder = paths.output_file.rpartition("/")[0] + "/"
+    assert len(_read_s3(folder)) == result.rows
+
+    # Re-run on the repaired month: the same keys, replaced; the stale rejects object is gone.
+    again = batch.score_month(dataclasses.replace(paths, input_file=str(source)), pipeline, RUN_ID)
+    assert again.rejected == 0 and again.rejects_file is None and again.rows == len(kept)
+    prefix = folder.removeprefix(f"s3://{get_settings().predictions_bucket}/")
+    assert list_keys(get_settings().predictions_bucket, prefix) == [f"{prefix}{RUN_ID}.parquet"]
+    assert len(_read_s3(paths.output_file)) == len(kept)
+
+
+def test_more_than_one_percent_bad_rows_fails_the_month_and_publishes_nothing(
+        batch_stack, trained_model, synthetic_months, tmp_path):
+    source = synthetic_months[(2021, 2)]
+    kept = rides_of_1_to_60_minutes(source)
+    n_bad = len(kept) // 50  # 2%
+    month = month_with_bad_rows(source, tmp_path / "green_tripdata_2021-02.parquet",
+                                {row: {"trip_distance": -2.0} for row in kept[:n_bad]})
+    paths = _feb_paths(tmp_path, month, name="too-many")
+    share = f"{n_bad / len(kept):.1%}"
+    with pytest.raises(batch.TooManyRejects) as info:
+        batch.score_month(paths, trained_model["pipeline"], RUN_ID, batch_size=500)
+    assert str(info.value) == (
+        f"green 2021-02: {n_bad} of {len(kept):,} rides of 1-60 minutes in {month} ({share}) break the ride contract, "
+        f"above the 1% limit ({n_bad} with field 'trip_distance' must be between 0 and 500 miles); nothing was published"
+    )
+    assert list_keys(get_settings().predictions_bucket, "rejects-test/too-many/") == []
+
+    # Just under the limit is still a month: 28 of 2,865 rides (0.98%).
+    at_limit = month_with_bad_rows(source, tmp_path / "limit.parquet",
+                                   {row: {"trip_distance": -2.0} for row in kept[:len(kept) // 100]})
+    result = batch.score_month(_feb_paths(tmp_path, at_limit, name="at-limit"), trained_model["pipeline"], RUN_ID)
+    assert result.rejected == len(kept) // 100 and result.rows == len(kept) - result.rejected
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_truncated_parquet_names_file_and_month(batch_stack, synthetic_months, tmp_path, where):
+    data = synthetic_months[(2021, 2)].read_bytes()
+    truncated = tmp_path / "green_tripdata_2021-02.parquet"
+    truncated.write_bytes(data[: len(data) // 2])
+    location = str(truncated)
+    if where == "s3":
+        from ride_duration.aws import s3_client
+
+        bucket = get_settings().predictions_bucket
+        s3_client().upload_file(location, bucket, "truncated/green_tripdata_2021-02.parquet")
+        location = f"s3://{bucket}/truncated/green_tripdata_2021-02.parquet"
+    paths = batch.month_paths("green", 2021, 2, RUN_ID, input_file=location, output_file=str(tmp_path / "o.parquet"))
+    with pytest.raises(batch.InputUnreadable) as info:
+        batch.score_month(paths, _ConstantModel(), RUN_ID)
+    assert str(info.value).startswith(f"green 2021-02: {location} could not be read as parquet: ")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "o.parquet").exists()
+
+
+# ----------------------------------------------------------------------------- the model: found like the services
+def test_missing_artifacts_say_so_and_where(batch_stack, trained_model, monkeypatch):
+    """A registry entry whose S3 objects are gone (the local S3 crashed): the error says the
+    artifacts are missing, under which bucket/prefix, on which endpoint; not "holds no MLflow model"."""
+    from ride_duration.aws import s3_client, split_s3_uri
+    from ride_duration.predict import ModelNotFound, load_model, resolve_model
+    from ride_duration.train import log_to_mlflow
+
+    monkeypatch.setenv("MODEL_NAME", "ArtifactsGoneModel")  # leave the session's production model alone
+    logged = log_to_mlflow(trained_model["result"], register=True)
+    bucket, prefix = split_s3_uri(logged.s3_uri)
+    for key in list_keys(bucket, prefix):
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    endpoint = get_settings().mlflow_s3_endpoint_url
+    expected = f"the model's artifacts are missing: no objects under {logged.s3_uri} in S3 at {endpoint}"
+    for uri in (f"models:/ArtifactsGoneModel/{logged.registered_version}", logged.s3_uri):
+        with pytest.raises(ModelNotFound) as info:
+            load_model(uri)
+        assert str(info.value).startswith(expected), str(info.value)
+    monkeypatch.setenv("MODEL_ID", logged.model_id)
+    monkeypatch.setenv("EXPERIMENT_ID", logged.experiment_id)
+    with pytest.raises(ModelNotFound, match="the model's artifacts are missing: no objects under s3://"):
+        resolve_model()
+
+
+def test_model_carries_its_training_data_provenance(trained_model, tmp_path):
+    """`load_model` sets `model.training_data` from the MLmodel file's metadata (None if absent)."""
+    import skops.io
+    import yaml
+
+    from ride_duration.predict import TRUSTED_TYPES, load_model
+
+    provenance = {"train": {"file": "green_tripdata_2021-01.parquet", "sha256": "b8e2c9", "synthetic": False}}
+    for name, metadata in (("with", {"training_data": provenance}), ("without", None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        skops.io.dump(trained_model["pipeline"], folder / "model.skops")
+        mlmodel = {"run_id": RUN_ID, "flavors": {"sklearn": {"pickled_model": "model.skops",
+                                                             "serialization_format": "skops",
+                                                             "skops_trusted_types": TRUSTED_TYPES}}}
+        if metadata:
+            mlmodel["metadata"] = metadata
+        (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+        model, version = load_model(str(folder))
+        assert version == RUN_ID
+        assert model.training_data == (provenance if metadata else None)

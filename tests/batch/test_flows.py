@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -14,8 +14,6 @@ from ride_duration.config import get_settings
 from ride_duration.utils import load_training_dataframe
 
 from .helpers import list_keys, object_exists
-
-UTC = timezone.utc
 
 
 def _read(uri: str) -> pd.DataFrame:
@@ -175,3 +173,61 @@ def test_served_run_uses_scheduled_start_time(batch_stack, batch_model, s3_input
         assert list_keys(bucket, "taxi_type=green/year=2021/month=03/") == []
     finally:
         stop_runner(runner)
+
+
+# ----------------------------------------------------------------------------- which model, tracking server down
+def _dead_tracking_server(monkeypatch) -> str:
+    from ride_duration.stack import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    return dead
+
+
+@pytest.fixture
+def restore_tracking_uri():
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(get_settings().mlflow_tracking_uri)  # the session server again for later tests
+
+
+def test_model_id_and_experiment_id_score_a_month_with_the_tracking_server_down(
+        batch_stack, batch_model, s3_input, monkeypatch, capsys, restore_tracking_uri):
+    """MODEL_ID + EXPERIMENT_ID: batch reads the model straight from S3, as the services do;
+    the tracking server is never asked (it is down), and outputs are named by the same run id."""
+    from ride_duration.batch import cli, core
+
+    _dead_tracking_server(monkeypatch)
+    monkeypatch.setenv("MODEL_ID", batch_model.model_id)
+    monkeypatch.setenv("EXPERIMENT_ID", batch_model.experiment_id)
+    monkeypatch.setattr(core, "_models", {})  # no model cached in this process: it must come from S3
+    bucket = get_settings().predictions_bucket
+    key = f"taxi_type=green/year=2021/month=02/{batch_model.run_id}.parquet"
+    from ride_duration.aws import s3_client
+
+    s3_client().delete_object(Bucket=bucket, Key=key)
+
+    assert cli.score_main(["--year", "2021", "--month", "2"]) == 0, capsys.readouterr().err
+    assert f"model {batch_model.s3_uri} (run {batch_model.run_id})" in capsys.readouterr().err
+    assert object_exists(f"s3://{bucket}/{key}")
+    assert (_read(f"s3://{bucket}/{key}")["model_version"] == batch_model.run_id).all()
+
+
+def test_alias_with_the_tracking_server_down_fails_in_seconds_naming_it(
+        batch_stack, batch_model, s3_input, monkeypatch, capsys, restore_tracking_uri):
+    """Used to fail after 254 s of MLflow's HTTP retries."""
+    from ride_duration.batch import cli
+
+    dead = _dead_tracking_server(monkeypatch)
+    for name in ("MODEL_URI", "MODEL_ID", "EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.monotonic()
+    assert cli.score_main(["--year", "2021", "--month", "2"]) == 1
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: model models:/NYCRideDurationModel@production is looked up on the MLflow tracking server at {dead}, "
+        "which is not answering; start it (`make services-up`) or point MLFLOW_TRACKING_URI at your server, "
+        "or set MODEL_ID + EXPERIMENT_ID to load the model straight from S3"
+    )

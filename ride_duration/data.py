@@ -5,11 +5,17 @@ folder or a URL prefix), the official CloudFront URL. If none answers and the
 synthetic fallback is allowed (`TLC_SYNTHETIC_FALLBACK`, on by default), a
 synthetic month with the same 20-column schema is written under a name that
 says so, and a loud warning says results will not match the course.
+
+Every synthetic file this module writes carries a marker in its parquet footer
+(`SYNTHETIC_MARKER`), so `describe_file` can tell it from real data wherever it
+is later read from: provenance is a property of the file, not of its name or of
+the caller remembering it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -17,6 +23,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +54,18 @@ GREEN_COLUMNS = [
 
 TAXI_TYPES = ("green", "yellow", "fhv", "fhvhv")
 
+# Parquet footer key of the files write_synthetic_month writes; its value is JSON
+# saying how the month was generated.
+SYNTHETIC_MARKER = b"ride_duration.synthetic"
+SYNTHETIC_SUFFIX = ".synthetic.parquet"
+
 
 class DataUnavailable(RuntimeError):
     """No source could provide a month (and the synthetic fallback is off)."""
+
+    def __init__(self, message: str, tried: list[str] | None = None):
+        super().__init__(message)
+        self.tried = tried or []
 
 
 class ChecksumMismatch(RuntimeError):
@@ -130,30 +146,82 @@ def _download(url: str, out, progress: bool, timeout: float) -> None:
                 bar.update(len(chunk))
 
 
-def _fetch(name: str, official: str, settings: Settings, progress: bool, timeout: float) -> tuple[Path | None, list[str]]:
+@dataclass(frozen=True)
+class MonthFile:
+    """A monthly file and where it came from: `cache <path>`, `TLC_MIRROR <location>`,
+    `official URL <url>` or `synthetic fallback`."""
+
+    path: Path
+    source: str
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source == SYNTHETIC_SOURCE
+
+
+SYNTHETIC_SOURCE = "synthetic fallback"
+
+
+def _fetch(name: str, official: str, settings: Settings, progress: bool, timeout: float) -> tuple[MonthFile | None, list[str]]:
     target = settings.data_dir / name
     if target.is_file():
         try:
             verify(target, name)
-            return target, []
+            return MonthFile(target, f"cache {target}"), []
         except ChecksumMismatch as exc:
             log.warning("%s; fetching it again", exc)
             target.unlink()
     sources = []
     if settings.tlc_mirror:
-        sources.append(mirror_location(settings.tlc_mirror, name))
-    sources.append(official)
+        sources.append(("TLC_MIRROR", mirror_location(settings.tlc_mirror, name)))
+    sources.append(("official URL", official))
     tried = []
-    for source in sources:
+    for kind, source in sources:
         try:
             _copy_or_download(source, target, progress, timeout)
             log.info("fetched %s from %s", name, source)
-            return target, tried
+            return MonthFile(target, f"{kind} {source}"), tried
         except ChecksumMismatch:
             raise
         except (OSError, urllib.error.URLError, ValueError) as exc:
             tried.append(f"{source} ({exc})")
     return None, tried
+
+
+def locate_month(
+    taxi_type: str,
+    year: int,
+    month: int,
+    *,
+    settings: Settings | None = None,
+    allow_synthetic: bool | None = None,
+    progress: bool = True,
+    timeout: float = 30.0,
+) -> MonthFile:
+    """`fetch_month`, also saying where the file came from (training records it)."""
+    settings = settings or get_settings()
+    name = filename(taxi_type, year, month)
+    found, tried = _fetch(name, official_url(taxi_type, year, month), settings, progress, timeout)
+    if found is not None:
+        return found
+    allow = settings.synthetic_fallback if allow_synthetic is None else allow_synthetic
+    if not allow or taxi_type != "green":
+        raise DataUnavailable(
+            f"{name} could not be had; tried: " + "; ".join(tried)
+            + ". Set TLC_MIRROR to a folder or URL prefix holding the file.",
+            tried,
+        )
+    synthetic = settings.data_dir / name.replace(".parquet", SYNTHETIC_SUFFIX)
+    message = (
+        f"\n{'!' * 78}\n!! {name} is not available (tried: {'; '.join(tried)}).\n"
+        f"!! Using a SYNTHETIC month with the same schema instead: {synthetic}\n"
+        f"!! Results (RMSE, predictions) will NOT match the course's figures.\n{'!' * 78}"
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    log.warning(message)
+    if not synthetic.is_file() or not is_synthetic(synthetic):  # (re)write files from before the marker
+        write_synthetic_month(synthetic, year, month)
+    return MonthFile(synthetic, SYNTHETIC_SOURCE)
 
 
 def fetch_month(
@@ -167,36 +235,16 @@ def fetch_month(
     timeout: float = 30.0,
 ) -> Path:
     """Local path of a verified monthly file; downloads or synthesises it if needed."""
-    settings = settings or get_settings()
-    name = filename(taxi_type, year, month)
-    path, tried = _fetch(name, official_url(taxi_type, year, month), settings, progress, timeout)
-    if path is not None:
-        return path
-    allow = settings.synthetic_fallback if allow_synthetic is None else allow_synthetic
-    if not allow or taxi_type != "green":
-        raise DataUnavailable(
-            f"{name} could not be had; tried: " + "; ".join(tried)
-            + ". Set TLC_MIRROR to a folder or URL prefix holding the file."
-        )
-    synthetic = settings.data_dir / name.replace(".parquet", ".synthetic.parquet")
-    message = (
-        f"\n{'!' * 78}\n!! {name} is not available (tried: {'; '.join(tried)}).\n"
-        f"!! Using a SYNTHETIC month with the same schema instead: {synthetic}\n"
-        f"!! Results (RMSE, predictions) will NOT match the course's figures.\n{'!' * 78}"
-    )
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
-    log.warning(message)
-    if not synthetic.is_file():
-        write_synthetic_month(synthetic, year, month)
-    return synthetic
+    return locate_month(taxi_type, year, month, settings=settings, allow_synthetic=allow_synthetic,
+                        progress=progress, timeout=timeout).path
 
 
 def fetch_zones(settings: Settings | None = None, progress: bool = False, timeout: float = 30.0) -> Path:
     settings = settings or get_settings()
-    path, tried = _fetch(ZONES_FILE, ZONES_URL, settings, progress, timeout)
-    if path is None:
-        raise DataUnavailable(f"{ZONES_FILE} could not be had; tried: " + "; ".join(tried))
-    return path
+    found, tried = _fetch(ZONES_FILE, ZONES_URL, settings, progress, timeout)
+    if found is None:
+        raise DataUnavailable(f"{ZONES_FILE} could not be had; tried: " + "; ".join(tried), tried)
+    return found.path
 
 
 def load_zones(settings: Settings | None = None) -> pd.DataFrame:
@@ -255,12 +303,99 @@ def synthetic_month(year: int, month: int, n_rows: int = 60_000, seed: int = 42)
 
 
 def write_synthetic_month(path: Path, year: int, month: int, n_rows: int = 60_000, seed: int = 42) -> Path:
+    """Write a synthetic month, marked as such in its parquet footer (`SYNTHETIC_MARKER`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
-    synthetic_month(year, month, n_rows=n_rows, seed=seed).to_parquet(tmp, index=False)
+    table = pa.Table.from_pandas(synthetic_month(year, month, n_rows=n_rows, seed=seed), preserve_index=False)
+    marker = {"generator": "ride_duration.data.synthetic_month", "year": int(year), "month": int(month),
+              "n_rows": int(n_rows), "seed": int(seed)}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), SYNTHETIC_MARKER: json.dumps(marker)})
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path
+
+
+# ----------------------------------------------------------------------------- provenance
+def _open(path: str):
+    """A binary file object for a local path, file://, http(s):// or s3:// location."""
+    if "://" not in path or path.startswith("file://"):
+        return open(path.removeprefix("file://"), "rb")
+    import fsspec
+
+    from .aws import storage_options
+
+    return fsspec.open(path, "rb", **(storage_options(path) or {})).open()
+
+
+def _parquet_facts(path: str) -> tuple[str, int, int, bool]:
+    """(sha256, size in bytes, rows, marked synthetic) of a parquet file, read once."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256()
+    buffer = io.BytesIO()
+    with _open(path) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+            buffer.write(chunk)
+    buffer.seek(0)
+    meta = pq.ParquetFile(buffer).metadata
+    marked = SYNTHETIC_MARKER in (meta.metadata or {})
+    return digest.hexdigest(), buffer.getbuffer().nbytes, meta.num_rows, marked
+
+
+def is_synthetic(path) -> bool:
+    """True for a file written by `write_synthetic_month` (its footer marker), or
+    an older synthetic fallback file (its name)."""
+    import pyarrow.parquet as pq
+
+    path = str(path)
+    if path.endswith(SYNTHETIC_SUFFIX):
+        return True
+    with _open(path) as f:
+        return SYNTHETIC_MARKER in (pq.ParquetFile(f).metadata.metadata or {})
+
+
+def describe_file(file, source: str | None = None, synthetic: bool | None = None) -> dict:
+    """Provenance of one data file: name, sha256, size, rows, source, real or synthetic.
+
+    `file` is a path/URL or a `MonthFile` (which knows its source). `synthetic=None`
+    detects it (`is_synthetic`); a caller may only make it True, never hide a marker.
+    """
+    if isinstance(file, MonthFile):
+        source = source or file.source
+        file = file.path
+    location = str(file)
+    sha256, size, rows, marked = _parquet_facts(location)
+    name = location.rstrip("/").rsplit("/", 1)[-1]
+    if source is None:
+        cached = "://" not in location and Path(location).resolve().parent == get_settings().data_dir.resolve()
+        source = f"cache {location}" if cached else location
+    known = KNOWN_SHA256.get(name)
+    return {
+        "file": name,
+        "sha256": sha256,
+        "size": size,
+        "rows": rows,
+        "source": source,
+        "synthetic": bool(synthetic) or marked or location.endswith(SYNTHETIC_SUFFIX) or source == SYNTHETIC_SOURCE,
+        # Matches the TLC's published checksum: True/False for the files we know one of, else None.
+        "verified": None if known is None else sha256 == known,
+    }
+
+
+def training_provenance(train_file, valid_file, synthetic: bool | None = None) -> dict:
+    """What a model was trained and validated on, in the shape MLflow records
+    (`metadata["training_data"]` of the logged model): `{"synthetic": bool,
+    "train": describe_file(...), "valid": describe_file(...)}`."""
+    train = describe_file(train_file, synthetic=synthetic)
+    valid = describe_file(valid_file, synthetic=synthetic)
+    return {"synthetic": train["synthetic"] or valid["synthetic"], "train": train, "valid": valid}
 
 
 def main(argv=None) -> int:

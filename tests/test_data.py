@@ -126,3 +126,65 @@ def test_relative_mirror_resolves_against_repo(monkeypatch):
     monkeypatch.chdir(Path("/"))
     monkeypatch.setenv("TLC_MIRROR", "ride_duration")
     assert config.get_settings().tlc_mirror == str(root / "ride_duration")
+
+
+# ----------------------------------------------------------------------------- provenance
+def test_synthetic_files_carry_a_marker_and_are_described_as_synthetic(tmp_path):
+    """A synthetic month is recognised by its parquet footer, whatever its name or folder."""
+    path = data.write_synthetic_month(tmp_path / "green_tripdata_2021-01.parquet", 2021, 1, n_rows=300)
+    plain = tmp_path / "plain.parquet"
+    pd.read_parquet(path).to_parquet(plain, index=False)  # same rows, written without the marker
+    assert data.is_synthetic(path) and not data.is_synthetic(plain)
+    described = data.describe_file(path)
+    assert described == {
+        "file": "green_tripdata_2021-01.parquet",
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "size": path.stat().st_size,
+        "rows": 300,
+        "source": str(path),
+        "synthetic": True,
+        "verified": False,  # the official January has another checksum
+    }
+    assert data.describe_file(plain)["synthetic"] is False
+    assert data.describe_file(plain, synthetic=True)["synthetic"] is True  # a caller may say so, never hide it
+    both = data.training_provenance(path, plain)
+    assert both["synthetic"] is True and both["train"]["synthetic"] and not both["valid"]["synthetic"]
+
+
+def test_locate_month_names_its_source(http_folder, isolated, tmp_path, monkeypatch):
+    folder, url = http_folder
+    (folder / "green_tripdata_2020-05.parquet").write_bytes(_month_bytes(tmp_path))
+    monkeypatch.setenv("TLC_MIRROR", url)
+    first = data.locate_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    assert first.source == f"TLC_MIRROR {url}/green_tripdata_2020-05.parquet"
+    again = data.locate_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    assert again.source == f"cache {isolated / 'green_tripdata_2020-05.parquet'}"
+    assert data.describe_file(again)["source"] == again.source
+    # the mirror served a synthetic file: its marker says so even after the copy
+    assert data.describe_file(again)["synthetic"] is True
+
+    monkeypatch.delenv("TLC_MIRROR")
+    with pytest.warns(RuntimeWarning, match="SYNTHETIC"):
+        fallback = data.locate_month("green", 2019, 7, progress=False)
+    assert (fallback.source, fallback.synthetic) == ("synthetic fallback", True)
+    assert data.describe_file(fallback)["synthetic"] is True
+    with pytest.raises(data.DataUnavailable) as excinfo:
+        data.locate_month("green", 2019, 8, allow_synthetic=False, progress=False)
+    [tried] = excinfo.value.tried  # what training's refusal lists
+    assert tried.startswith("http://127.0.0.1:9/trip-data/green_tripdata_2019-08.parquet (")
+
+
+def test_real_months_are_described_as_real_and_verified(isolated, monkeypatch, real_data_dir):
+    if real_data_dir is None:
+        pytest.skip("TLC_MIRROR with the real files is not set")
+    monkeypatch.setenv("TLC_MIRROR", str(real_data_dir))
+    january = data.locate_month("green", 2021, 1, allow_synthetic=False, progress=False)
+    assert data.describe_file(january) == {
+        "file": "green_tripdata_2021-01.parquet",
+        "sha256": "b8e2c9496c5eada0f10adbd88f98d91721ec6fe2787a2b355cf0ccfa9678ee7b",
+        "size": 1_333_519,
+        "rows": 76_518,  # SOURCES.md
+        "source": f"TLC_MIRROR {real_data_dir / 'green_tripdata_2021-01.parquet'}",
+        "synthetic": False,
+        "verified": True,
+    }

@@ -4,6 +4,12 @@
 February 2021, logs params, `rmse_valid` and the model (skops format) to the
 tracking server, registers it as `NYCRideDurationModel` and, with --promote,
 points the alias `production` at the new version.
+
+Every run records what it was trained on (`data.training_provenance`): file,
+sha256, size, rows, source and real or synthetic, as run params and tags and as
+the logged model's `metadata["training_data"]` (readable from S3 alone). The
+command line and `ensure_production_model` refuse synthetic data unless told
+explicitly (`--allow-synthetic`, `allow_synthetic=True`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ class TrackingServerDown(RuntimeError):
     pass
 
 
+class SyntheticDataRefused(RuntimeError):
+    """Training would use synthetic data and nobody asked for it."""
+
+
 @dataclass
 class TrainResult:
     pipeline: Pipeline
@@ -51,6 +61,8 @@ class TrainResult:
     seconds: float
     valid_pred: np.ndarray
     valid_true: np.ndarray
+    # data.training_provenance(): {"synthetic": bool, "train": {...}, "valid": {...}}
+    training_data: dict | None = None
 
 
 def build_pipeline(params: dict | None = None) -> Pipeline:
@@ -60,8 +72,17 @@ def build_pipeline(params: dict | None = None) -> Pipeline:
     return make_pipeline(DictVectorizer(), RandomForestRegressor(n_jobs=-1, **params))
 
 
-def train(train_path, valid_path, params: dict | None = None) -> TrainResult:
+def train(train_path, valid_path, params: dict | None = None, *, synthetic: bool | None = None) -> TrainResult:
+    """Fit the reference pipeline on `train_path`, score it on `valid_path`.
+
+    Paths, URLs or `data.MonthFile`s. Their provenance is recorded in the result;
+    `synthetic=None` detects synthetic files by their marker (data.is_synthetic).
+    """
+    from .data import MonthFile, training_provenance
+
     start = time.perf_counter()
+    provenance = training_provenance(train_path, valid_path, synthetic=synthetic)
+    train_path, valid_path = (p.path if isinstance(p, MonthFile) else p for p in (train_path, valid_path))
     df_train = load_training_dataframe(train_path)
     df_valid = load_training_dataframe(valid_path)
     pipeline = build_pipeline(params)
@@ -77,7 +98,39 @@ def train(train_path, valid_path, params: dict | None = None) -> TrainResult:
         seconds=time.perf_counter() - start,
         valid_pred=y_pred,
         valid_true=y_true,
+        training_data=provenance,
     )
+
+
+def provenance_params(training_data: dict) -> dict:
+    """Run params naming the data: `train_file`, `train_sha256`, `train_size`, `train_rows`,
+    `train_source`, the same for `valid_`."""
+    return {f"{part}_{key}": training_data[part][key]
+            for part in ("train", "valid") for key in ("file", "sha256", "size", "rows", "source")}
+
+
+def provenance_tags(training_data: dict | None) -> dict:
+    """Searchable run tags: `data.synthetic` (true/false/unknown) and the two file names."""
+    if training_data is None:
+        return {"data.synthetic": "unknown"}
+    return {
+        "data.synthetic": str(bool(training_data["synthetic"])).lower(),
+        "data.train_file": training_data["train"]["file"],
+        "data.valid_file": training_data["valid"]["file"],
+    }
+
+
+def describe_training_data(training_data: dict | None) -> str:
+    """One line per file, for people: name, real/synthetic, rows, sha256 prefix, source."""
+    if not training_data:
+        return "training data: not recorded (the model was logged before provenance was recorded)"
+    lines = []
+    for part, label in (("train", "trained on"), ("valid", "validated on")):
+        f = training_data[part]
+        kind = "SYNTHETIC" if f["synthetic"] else "real"
+        lines.append(f"{label:12s} {f['file']} ({kind}, {f['rows']:,} rows, sha256 {f['sha256'][:12]}, "
+                     f"from {f['source']})")
+    return "\n".join(lines)
 
 
 def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
@@ -125,9 +178,14 @@ def log_to_mlflow(
     # Our pipeline takes feature dicts (sklearn flavor); MLflow's pyfunc check of the
     # example converts it to a DataFrame first and warns. The services never use pyfunc.
     logging.getLogger("mlflow.models.model").setLevel(logging.ERROR)
-    with mlflow.start_run(tags=tags) as run:
+    training_data = result.training_data
+    if training_data and training_data["synthetic"] and promote:
+        log.warning("promoting a model trained on SYNTHETIC data to %s", settings.registry_uri)
+    with mlflow.start_run(tags={**provenance_tags(training_data), **(tags or {})}) as run:
         mlflow.log_params({k: v for k, v in PARAMS.items()})
         mlflow.log_params({"n_train": result.n_train, "n_valid": result.n_valid})
+        if training_data:
+            mlflow.log_params(provenance_params(training_data))
         mlflow.log_metric("rmse_valid", result.rmse_valid)
         info = mlflow.sklearn.log_model(
             result.pipeline,
@@ -139,10 +197,15 @@ def log_to_mlflow(
             registered_model_name=settings.model_name if register else None,
             # Explicit requirements: faster than MLflow's import-scanning inference.
             pip_requirements=_model_requirements(),
+            # In the MLmodel file: a service loading the model from S3 alone still sees it.
+            metadata={"training_data": training_data} if training_data else None,
         )
     version = None
     if register:
         version = str(info.registered_model_version)
+        # On the version too: the registry UI shows it next to the alias.
+        MlflowClient().set_model_version_tag(settings.model_name, version, "data.synthetic",
+                                             provenance_tags(training_data)["data.synthetic"])
         if promote:
             MlflowClient().set_registered_model_alias(settings.model_name, settings.model_alias, version)
     # The artifact location of the logged model is the physical S3 folder.
@@ -158,8 +221,35 @@ def log_to_mlflow(
     )
 
 
+def course_month(month: int, settings: Settings, allow_synthetic: bool = False, flag: str = "--allow-synthetic"):
+    """Green `2021-<month>` (a `data.MonthFile`). Missing without `allow_synthetic`:
+    SyntheticDataRefused naming the month, what was tried and what to set."""
+    from .data import DataUnavailable, filename, locate_month
+
+    try:
+        return locate_month("green", 2021, month, settings=settings, allow_synthetic=allow_synthetic)
+    except DataUnavailable as exc:
+        if allow_synthetic:
+            raise
+        raise SyntheticDataRefused(
+            f"green 2021-{month:02d} is not available (tried: {'; '.join(exc.tried)}): set TLC_MIRROR "
+            f"to a folder or URL prefix holding {filename('green', 2021, month)}, or pass {flag} to train "
+            "on a synthetic month whose figures will not match the course's"
+        ) from None
+
+
+def refuse_synthetic(training_data: dict) -> None:
+    """SyntheticDataRefused if either file is synthetic (given paths, not fetched months)."""
+    for part in ("train", "valid"):
+        f = training_data[part]
+        if f["synthetic"]:
+            raise SyntheticDataRefused(
+                f"the {part} file {f['file']} ({f['source']}) is synthetic data: "
+                "pass --allow-synthetic to train on it, or give a real TLC month")
+
+
 def main(argv=None) -> int:
-    from .data import DataUnavailable, fetch_month
+    from .data import ChecksumMismatch, DataUnavailable, training_provenance
 
     parser = argparse.ArgumentParser(description="Train the ride duration model and log it to MLflow.")
     parser.add_argument("--train-path", help="parquet path/URL (default: green 2021-01 from the data cache)")
@@ -167,6 +257,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow tracking server (default: MLFLOW_TRACKING_URI or http://127.0.0.1:5000)")
     parser.add_argument("--no-register", action="store_true", help="log the run without registering the model")
     parser.add_argument("--promote", action="store_true", help="point the `production` alias at the new version")
+    parser.add_argument("--allow-synthetic", action="store_true",
+                        help="train on synthetic data when a month is missing (or given); refused otherwise. "
+                             "The run is tagged data.synthetic=true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not args.tracking_uri:
@@ -178,12 +271,20 @@ def main(argv=None) -> int:
         settings = dataclasses.replace(settings, mlflow_tracking_uri=args.tracking_uri)
     try:
         check_tracking_server(settings.mlflow_tracking_uri)
-        train_path = args.train_path or fetch_month("green", 2021, 1, settings=settings)
-        valid_path = args.valid_path or fetch_month("green", 2021, 2, settings=settings)
-        result = train(train_path, valid_path)
+        train_file = args.train_path or course_month(1, settings, args.allow_synthetic)
+        valid_file = args.valid_path or course_month(2, settings, args.allow_synthetic)
+        # Before the ~1 min fit: a refusal costs nothing.
+        provenance = training_provenance(train_file, valid_file)
+        if not args.allow_synthetic:
+            refuse_synthetic(provenance)
+        result = train(train_file, valid_file)
         print(f"trained on {result.n_train} rides in {result.seconds:.1f} s; rmse_valid = {result.rmse_valid:.3f} min")
+        print(describe_training_data(result.training_data))
+        if result.training_data["synthetic"]:
+            print("WARNING: this model was trained on SYNTHETIC data (--allow-synthetic); "
+                  "its figures do not match the course's", file=sys.stderr)
         logged = log_to_mlflow(result, settings=settings, register=not args.no_register, promote=args.promote)
-    except (TrackingServerDown, DataUnavailable, ValueError) as exc:
+    except (TrackingServerDown, SyntheticDataRefused, DataUnavailable, ChecksumMismatch, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"run id:     {logged.run_id}")
@@ -196,20 +297,16 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-def ensure_production_model(settings: Settings | None = None) -> str:
+def ensure_production_model(settings: Settings | None = None, *, allow_synthetic: bool = False) -> str:
     """Make sure `models:/<name>@<alias>` exists on the tracking server; train on the
     course's months and promote if it does not. Returns the registry URI.
 
-    Lets any notebook run on its own (the registry notebook normally did this)."""
+    Lets any notebook run on its own (the registry notebook normally did this).
+    Without the real months it refuses (SyntheticDataRefused, saying what to set)
+    unless `allow_synthetic=True`: a synthetic model is never promoted silently."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-
-    from .data import fetch_month
 
     settings = settings or get_settings()
     check_tracking_server(settings.mlflow_tracking_uri)
@@ -217,6 +314,10 @@ def ensure_production_model(settings: Settings | None = None) -> str:
     try:
         MlflowClient().get_model_version_by_alias(settings.model_name, settings.model_alias)
     except MlflowException:
-        result = train(fetch_month("green", 2021, 1, settings=settings), fetch_month("green", 2021, 2, settings=settings))
-        log_to_mlflow(result, settings=settings, promote=True)
+        january, february = (course_month(m, settings, allow_synthetic, flag="allow_synthetic=True") for m in (1, 2))
+        log_to_mlflow(train(january, february), settings=settings, promote=True)
     return settings.registry_uri
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

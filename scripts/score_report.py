@@ -1,5 +1,14 @@
 #!/usr/bin/env python
-"""Thin wrapper over `ride_duration.batch.cli.report_main`; see --help."""
+"""The monthly report: papermill runs notebooks/05-batch-scoring.ipynb for --month
+into reports/<taxi>-<YYYY>-<MM>.ipynb.
+
+It uses the servers your environment names (.env, AWS settings); the local stack
+only when nothing is configured or the environment points at it. It never starts
+servers and never trains: with the tracking server down it stops with one sentence
+(`make services-up`), without a production model with another (`make train`).
+The report shows what the model was trained on and warns loudly if that was
+synthetic data. Thin wrapper over `ride_duration.batch.cli.report_main`; see --help.
+"""
 from ride_duration.batch.cli import report_main
 
 if __name__ == "__main__":

@@ -2,17 +2,29 @@
 with the month as parameters into `reports/<taxi>-<YYYY>-<MM>.ipynb`.
 
 The executed notebook is the report (row count, RMSE, histogram of `diff`, where
-the predictions went); its cell tagged `summary` prints those figures as JSON so
-code can read them back (`read_summary`), without scrapbook.
+the predictions went, what the model was trained on); its cell tagged `summary`
+prints those figures as JSON so code can read them back (`read_summary`), without
+scrapbook.
+
+The report uses the servers the environment names and never starts or trains
+anything: when a server is down or there is no model to score with, the notebook
+raises `ReportStopped` with one sentence saying what to run, and `run_report`
+turns it into `ReportFailed` with that sentence.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
-from ..config import repo_root
+from ..config import Settings, get_settings, repo_root
+
+log = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id, as the model parameter may give
 
 NOTEBOOK = "05-batch-scoring.ipynb"
 KERNEL = "ride-duration"
@@ -21,6 +33,122 @@ SUMMARY_TAG = "summary"
 
 class ReportFailed(RuntimeError):
     pass
+
+
+class ReportStopped(RuntimeError):
+    """Raised inside the notebook: the report cannot be made; the message says what to run."""
+
+
+# ----------------------------------------------------------------------------- inside the notebook
+def servers(settings: Settings | None = None) -> str:
+    """Which servers this report talks to, for its first output."""
+    settings = settings or get_settings()
+    s3 = os.environ.get("AWS_ENDPOINT_URL_S3") or settings.aws_endpoint_url  # as aws.s3_client chooses
+    return f"S3: {s3 or 'AWS (no endpoint configured)'}; MLflow: {settings.mlflow_tracking_uri}"
+
+
+def _registry_alias(model: str | None, settings: Settings) -> str | None:
+    """The alias `model` names (a bare word, or None with no MODEL_URI / MODEL_ID configured)."""
+    from ..predict import default_model_uri
+
+    if model is None:
+        uri = default_model_uri(settings)
+        return settings.model_alias if uri == settings.registry_uri else None
+    if "/" in model or ":" in model or _RUN_ID.match(model):
+        return None
+    return model
+
+
+def _needs_tracking_server(model: str | None, settings: Settings) -> bool:
+    """An alias, a run id or a models:/ or runs:/ URI is resolved by the tracking server;
+    an s3:// or local model, or a service-style MODEL_URI / MODEL_ID (S3), is not."""
+    from ..predict import default_model_uri
+
+    registry = ("models:/", "runs:/")
+    if model is None:
+        return default_model_uri(settings).startswith(registry)
+    return model.startswith(registry) or not ("/" in model or ":" in model)
+
+
+def require_model(model: str | None = None, settings: Settings | None = None):
+    """The model to score with, pinned (`ModelRef`). ReportStopped, one sentence saying
+    what to run, when its tracking server is down or no model has the alias."""
+    from ..predict import ModelNotFound
+    from ..train import TrackingServerDown, check_tracking_server
+    from .core import resolve_model
+
+    settings = settings or get_settings()
+    uri = settings.mlflow_tracking_uri
+    if _needs_tracking_server(model, settings):
+        try:
+            check_tracking_server(uri)
+        except TrackingServerDown:
+            raise ReportStopped(
+                f"the MLflow tracking server at {uri} is not answering: start the local stack with "
+                "`make services-up`, or point MLFLOW_TRACKING_URI at your server"
+            ) from None
+    try:
+        return resolve_model(model, settings)
+    except ModelNotFound:
+        alias = _registry_alias(model, settings)
+        if alias is None:
+            raise  # a model named exactly (run id, URI): its own error says which
+        raise ReportStopped(
+            f"there is no model {settings.model_name}@{alias} on the tracking server {uri}: train and "
+            "promote one with `make train` (python scripts/train.py --promote), then run the report again"
+        ) from None
+
+
+def training_data(model, ref=None) -> dict | None:
+    """What the model was trained on: `model.training_data` (set by predict.load_model
+    from the MLmodel metadata), else the logged model's metadata; None if never recorded."""
+    recorded = getattr(model, "training_data", None)
+    if recorded is not None or ref is None:
+        return recorded
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return (mlflow.models.get_model_info(ref.uri).metadata or {}).get("training_data")
+    except (MlflowException, OSError) as exc:
+        log.warning("could not read the training data of %s: %s", ref.uri, exc)
+        return None
+
+
+def training_warning(data: dict | None) -> str | None:
+    """The loud sentence a report carries when its model's training data is synthetic or unknown."""
+    if data is None:
+        return ("The model's training data was not recorded (it was logged before provenance was): "
+                "nothing here says it learned from real rides; retrain it with `make train`.")
+    if data["synthetic"]:
+        files = ", ".join(data[part]["file"] for part in ("train", "valid") if data[part]["synthetic"])
+        return (f"THIS MODEL WAS TRAINED ON SYNTHETIC DATA ({files}): its predictions and this report's RMSE "
+                "say nothing about real rides; train it on the real months (`make train` with TLC_MIRROR set).")
+    return None
+
+
+def show_training_data(data: dict | None) -> None:
+    """Print the provenance; a synthetic or unknown one also as a banner in the report."""
+    from ..train import describe_training_data
+
+    print(describe_training_data(data))
+    warning = training_warning(data)
+    if warning is None:
+        return
+    print(f"\n{'!' * 78}\n!! {warning}\n{'!' * 78}")
+    try:
+        from IPython.display import Markdown, display
+    except ImportError:
+        return
+    display(Markdown(f'<div style="border:3px solid #c00;padding:8px;color:#c00"><b>⚠ {warning}</b></div>'))
+
+
+def summary_fields(data: dict | None) -> dict:
+    """The provenance entries of the report's summary JSON."""
+    return {"trained_on_synthetic_data": None if data is None else bool(data["synthetic"]), "training_data": data}
+
+
+# ----------------------------------------------------------------------------- running it
 
 
 def notebook_path() -> Path:
@@ -59,15 +187,21 @@ def run_report(taxi_type: str, year: int, month: int, *, model: str | None = Non
             cwd=str(source.parent), progress_bar=False, log_output=False,
         )
     except PapermillExecutionError as exc:
+        label = f"{taxi_type} {int(year):04d}-{int(month):02d}"
+        if exc.ename == ReportStopped.__name__:
+            partial.unlink(missing_ok=True)  # nothing ran: the sentence is the whole story
+            raise ReportFailed(f"{label}: {exc.evalue}") from None
         failed = target.with_name(f"{target.stem}.failed.ipynb")
         os.replace(partial, failed)
-        raise ReportFailed(
-            f"{taxi_type} {int(year):04d}-{int(month):02d}: {exc.ename}: {exc.evalue} (notebook kept at {failed})"
-        ) from exc
+        raise ReportFailed(f"{label}: {exc.ename}: {exc.evalue} (notebook kept at {failed})") from exc
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, target)
+    summary = read_summary(target)
+    warning = training_warning(summary["training_data"]) if "training_data" in summary else None
+    if warning:
+        log.warning("%s: %s", target, warning)
     return target
 
 

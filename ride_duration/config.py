@@ -96,6 +96,8 @@ class Settings:
     test_run: bool
     # Batch scoring reads `<prefix>/<taxi>_tripdata_<YYYY>-<MM>.parquet` (s3://, URL or folder) when set.
     batch_input_prefix: str | None = None
+    # Where the stream function writes records it can never score (see `dead_letter_prefix`).
+    dead_letter_uri: str | None = None
 
     @property
     def registry_uri(self) -> str:
@@ -104,6 +106,13 @@ class Settings:
     @property
     def is_local_stack(self) -> bool:
         return bool(self.aws_endpoint_url)
+
+    @property
+    def dead_letter_prefix(self) -> str:
+        """`s3://bucket/prefix/` for the stream's dead letters: DEAD_LETTER_URI, else
+        `s3://<PREDICTIONS_BUCKET>/dead-letter/<INPUT_STREAM_NAME>/` (what the IAM policy allows)."""
+        uri = self.dead_letter_uri or f"s3://{self.predictions_bucket}/dead-letter/{self.input_stream}/"
+        return uri if uri.endswith("/") else uri + "/"
 
 
 def load_env_file(path: str | os.PathLike | None = None) -> None:
@@ -146,4 +155,5 @@ def get_settings() -> Settings:
         predictions_stream=env("PREDICTIONS_STREAM_NAME") or PREDICTIONS_STREAM,
         test_run=_flag(env("TEST_RUN")),
         batch_input_prefix=_resolve_path(env("BATCH_INPUT_PREFIX")) if env("BATCH_INPUT_PREFIX") else None,
+        dead_letter_uri=env("DEAD_LETTER_URI") or None,
     )

@@ -66,3 +66,20 @@ def make_stream(kinesis):
         kinesis.delete_stream(StreamName=name, EnforceConsumerDeletion=True)
 
 
+
+
+@pytest.fixture
+def streams(make_stream, monkeypatch):
+    """A fresh input and output stream; the handler writes to the output one, and its
+    dead letters go under the default prefix of the input one."""
+    names = {"input": make_stream("rides"), "output": make_stream("preds")}
+    monkeypatch.setenv("INPUT_STREAM_NAME", names["input"])
+    monkeypatch.setenv("PREDICTIONS_STREAM_NAME", names["output"])
+    return names
+
+
+@pytest.fixture
+def s3(stack):
+    from ride_duration.aws import s3_client
+
+    return s3_client()

@@ -13,7 +13,17 @@ from collections import Counter
 import pytest
 
 from ride_duration import stream
-from ride_duration.stream import Checkpoint, EventSourceRunner, ModelService, build_service, read_stream
+from ride_duration.config import get_settings
+from ride_duration.stream import (
+    Checkpoint,
+    EventSourceRunner,
+    ModelService,
+    PutRecordsFailed,
+    build_service,
+    read_dead_letters,
+    read_stream,
+    stream_identity,
+)
 
 from .helpers import PYTHON, put_payloads, python_env, ride_payload
 
@@ -21,22 +31,6 @@ from .helpers import PYTHON, put_payloads, python_env, ride_payload
 def failures_in(s3, bucket: str, stream_name: str) -> list[dict]:
     listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"failures/{stream_name}/")
     return [json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()) for o in listing.get("Contents", [])]
-
-
-@pytest.fixture
-def streams(make_stream, monkeypatch):
-    """A fresh input and output stream; the handler writes to the output one."""
-    names = {"input": make_stream("rides"), "output": make_stream("preds")}
-    monkeypatch.setenv("INPUT_STREAM_NAME", names["input"])
-    monkeypatch.setenv("PREDICTIONS_STREAM_NAME", names["output"])
-    return names
-
-
-@pytest.fixture
-def s3(stack):
-    from ride_duration.aws import s3_client
-
-    return s3_client()
 
 
 def test_lambda_record_shape(kinesis, streams, tmp_path):
@@ -56,7 +50,7 @@ def test_lambda_record_shape(kinesis, streams, tmp_path):
 
 
 def test_end_to_end_registered_model(trained_model, kinesis, s3, streams, settings, tmp_path):
-    """N rides, k poisoned, 1 shard, batches of 100: N-k predictions once each, k in the failure destination."""
+    """N rides, k poisoned, 1 shard, batches of 100: N-k predictions once each, k dead-lettered, nothing retried."""
     n, poisoned = 230, {5, 150, 229}
     payloads = [ride_payload(i, poisoned=i in poisoned) for i in range(n)]
     seqs = put_payloads(kinesis, streams["input"], payloads)
@@ -65,9 +59,8 @@ def test_end_to_end_registered_model(trained_model, kinesis, s3, streams, settin
     checkpoint = Checkpoint(tmp_path / "cp.json")
     runner = EventSourceRunner(service.lambda_handler, streams["input"], checkpoint=checkpoint)
     stats = runner.run(once=True)
-    assert (stats.batches, stats.records, stats.failed_records) == (3, n, len(poisoned))
-    # batch 1 (5 poisoned) and batch 2 (150) retried twice each; batch 3 (229) too: 3 + 3*2 invocations
-    assert stats.invocations == 3 + 3 * 2
+    assert (stats.batches, stats.records, stats.dead_letters, stats.failed_records) == (3, n, len(poisoned), 0)
+    assert stats.invocations == 3  # a bad record is not a reason to retry anything
 
     out = read_stream(kinesis, streams["output"])
     ids = Counter(e["prediction"]["ride_id"] for e in out)
@@ -82,10 +75,11 @@ def test_end_to_end_registered_model(trained_model, kinesis, s3, streams, settin
     assert first["prediction"]["ride_duration"] == pytest.approx(expected)
     assert first["model"] == "ride_duration_prediction_model" and first["version"] == service.version
 
-    failures = failures_in(s3, settings.predictions_bucket, streams["input"])
-    failed_seqs = sorted((r["sequenceNumber"] for f in failures for r in f["records"]), key=int)
-    assert failed_seqs == [seqs[i] for i in sorted(poisoned)]
-    assert all(f["requestContext"]["condition"] == "RetryAttemptsExhausted" for f in failures)
+    letters = read_dead_letters(get_settings().dead_letter_prefix)
+    assert sorted((letter["kinesis"]["sequenceNumber"] for letter in letters), key=int) == [
+        seqs[i] for i in sorted(poisoned)]
+    assert all("field 'trip_distance' must be a number, got 'far'" in letter["reason"] for letter in letters)
+    assert failures_in(s3, settings.predictions_bucket, streams["input"]) == []
     assert checkpoint.get("shardId-000000000000") == seqs[-1]
 
     # A second run from the checkpoint finds nothing new.
@@ -100,7 +94,9 @@ def test_restart_continues_after_checkpoint(kinesis, streams, stub_model, tmp_pa
     seqs = put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(30)])
     first = EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json"), batch_size=10)
     assert first.run(max_batches=2).records == 20
-    assert json.loads((tmp_path / "cp.json").read_text()) == {"shards": {"shardId-000000000000": seqs[19]}}
+    saved = json.loads((tmp_path / "cp.json").read_text())
+    assert saved["shards"] == {"shardId-000000000000": seqs[19]}
+    assert saved["stream"]["arn"].endswith(f":stream/{streams['input']}") and saved["stream"]["created"]
     put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(30, 35)])
     second = EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json"), batch_size=10)
     assert second.run(once=True).records == 15
@@ -124,20 +120,164 @@ def test_transient_handler_failure_is_retried_then_succeeds(kinesis, streams, st
     assert failures_in(s3, settings.predictions_bucket, streams["input"]) == []
 
 
-def test_retry_resends_failed_records_only(kinesis, streams, stub_model, tmp_path):
-    service = ModelService(stub_model, "v")
+class ThrottledOnce:
+    """A writer whose first put_records leaves one event unwritten (throttled), as Kinesis can."""
+
+    def __init__(self, fail_position: int):
+        self.fail_position = fail_position
+        self.calls = []
+        self.written = []
+
+    def __call__(self, events):
+        self.calls.append([e["prediction"]["ride_id"] for e in events])
+        if len(self.calls) == 1:
+            self.written += [e for i, e in enumerate(events) if i != self.fail_position]
+            raise PutRecordsFailed("1 of 5 prediction events could not be written", [self.fail_position])
+        self.written += events
+
+
+def test_retry_starts_at_lowest_failed_and_resends_later_successes(kinesis, streams, stub_model, tmp_path):
+    """AWS's ReportBatchItemFailures: checkpoint before the lowest failed record, retry from it,
+    the successes after it included (they are predicted twice: at-least-once)."""
+    writer = ThrottledOnce(fail_position=2)
+    service = ModelService(stub_model, "v", callbacks=[writer])
+    checkpoint = Checkpoint(tmp_path / "cp.json")
+    seen, checkpoint_at_retry = [], []
+
+    def handler(event, context):
+        seen.append([r["kinesis"]["sequenceNumber"] for r in event["Records"]])
+        if len(seen) == 2:
+            checkpoint_at_retry.append(Checkpoint(tmp_path / "cp.json").get("shardId-000000000000"))
+        return service.lambda_handler(event, context)
+
+    seqs = put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(5)])
+    stats = EventSourceRunner(handler, streams["input"], checkpoint=checkpoint, max_retries=1).run(once=True)
+    assert seen == [seqs, seqs[2:]]
+    assert checkpoint_at_retry == [seqs[1]]  # saved just before the lowest failed record
+    assert writer.calls == [[f"ride-{i}" for i in range(5)], ["ride-2", "ride-3", "ride-4"]]
+    assert Counter(e["prediction"]["ride_id"] for e in writer.written) == {
+        "ride-0": 1, "ride-1": 1, "ride-2": 1, "ride-3": 2, "ride-4": 2}
+    assert stats.failed_records == 0 and checkpoint.get("shardId-000000000000") == seqs[-1]
+
+
+@pytest.mark.parametrize("items", [
+    [{"itemIdentifier": ""}], [{"itemIdentifier": None}], [{"itemId": "1"}], [{"itemIdentifier": "no-such-seq"}],
+    ["1"],
+])
+def test_bad_item_identifier_fails_the_whole_batch(items, kinesis, streams, tmp_path):
     seen = []
 
     def handler(event, context):
         seen.append([r["kinesis"]["sequenceNumber"] for r in event["Records"]])
-        return service.lambda_handler(event, context)
+        return {"batchItemFailures": items} if len(seen) == 1 else {"batchItemFailures": []}
 
-    seqs = put_payloads(kinesis, streams["input"],
-                        [ride_payload(0), ride_payload(1, poisoned=True), ride_payload(2), b"\xff\xfe"])
+    seqs = put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(3)])
+    EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True)
+    assert seen == [seqs, seqs]
+
+
+def test_exhausted_retries_send_the_failing_part_to_the_destination(kinesis, s3, settings, streams, tmp_path):
+    seen = []
+    seqs = put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(5)])
+
+    def always_fails_record_2(event, context):
+        seen.append([r["kinesis"]["sequenceNumber"] for r in event["Records"]])
+        return {"batchItemFailures": [{"itemIdentifier": seqs[2]}]}
+
     checkpoint = Checkpoint(tmp_path / "cp.json")
-    stats = EventSourceRunner(handler, streams["input"], checkpoint=checkpoint, max_retries=1).run(once=True)
-    assert seen == [seqs, [seqs[1], seqs[3]]]
-    assert stats.failed_records == 2 and checkpoint.get("shardId-000000000000") == seqs[-1]
+    stats = EventSourceRunner(always_fails_record_2, streams["input"], checkpoint=checkpoint,
+                              max_retries=2).run(once=True)
+    assert seen == [seqs, seqs[2:], seqs[2:]]
+    (failure,) = failures_in(s3, settings.predictions_bucket, streams["input"])
+    info = failure["KinesisBatchInfo"]
+    assert (info["startSequenceNumber"], info["endSequenceNumber"], info["batchSize"]) == (seqs[2], seqs[4], 3)
+    assert failure["requestContext"] == {"condition": "RetryAttemptsExhausted", "approximateInvokeCount": 3}
+    assert stats.failed_records == 3 and checkpoint.get("shardId-000000000000") == seqs[-1]
+
+
+# ---------------------------------------------------------------- the stream's incarnation (issue 11, item 2)
+def collecting_handler(stub_model):
+    written = []
+    return ModelService(stub_model, "v", callbacks=[written.extend]).lambda_handler, written
+
+
+def recreate(kinesis, name: str) -> None:
+    """What a restart of the local Kinesis amounts to: the same name, a new stream numbered from 1."""
+    kinesis.delete_stream(StreamName=name)
+    kinesis.get_waiter("stream_not_exists").wait(StreamName=name, WaiterConfig={"Delay": 0.1, "MaxAttempts": 100})
+    kinesis.create_stream(StreamName=name, ShardCount=1)
+    kinesis.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 0.1, "MaxAttempts": 100})
+
+
+def test_recreated_stream_is_read_from_trim_horizon(kinesis, streams, stub_model, tmp_path, caplog):
+    """`stream run --once` (checkpoint at 5) -> the stream is created again -> 3 new rides -> all 3 delivered."""
+    handler, written = collecting_handler(stub_model)
+    seqs = put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(5)])
+    assert EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(
+        once=True).records == 5
+    assert Checkpoint(tmp_path / "cp.json").get("shardId-000000000000") == seqs[-1] == "5"
+    recreate(kinesis, streams["input"])
+    put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(100, 103)])
+
+    stats = EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True)
+    assert stats.records == 3
+    assert [e["prediction"]["ride_id"] for e in written[5:]] == ["ride-100", "ride-101", "ride-102"]
+    assert "deleted and created again" in caplog.text
+    saved = Checkpoint(tmp_path / "cp.json")
+    assert saved.get("shardId-000000000000") == "3"
+    assert saved.stream == stream_identity(kinesis.describe_stream_summary(StreamName=streams["input"])[
+        "StreamDescriptionSummary"])
+
+
+def test_runner_made_before_the_restart_notices_it(kinesis, streams, stub_model, tmp_path):
+    """A long-running runner: the stream is created again while it waits between polls."""
+    handler, written = collecting_handler(stub_model)
+    put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(5)])
+    waits = []
+
+    def sleep(seconds):  # the runner's idle wait: the local Kinesis restarts meanwhile
+        waits.append(seconds)
+        if len(waits) == 1:
+            recreate(kinesis, streams["input"])
+            put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(100, 103)])
+
+    runner = EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json"),
+                               poll_interval=0.01, sleep=sleep)
+    stats = runner.run(max_batches=2)
+    assert (stats.batches, stats.records) == (2, 8)
+    assert [e["prediction"]["ride_id"] for e in written] == [f"ride-{i}" for i in (0, 1, 2, 3, 4, 100, 101, 102)]
+
+
+@pytest.mark.parametrize("with_identity", [False, True], ids=["file-without-stream", "file-of-this-stream"])
+def test_checkpoint_beyond_the_shard_is_read_from_trim_horizon(with_identity, kinesis, streams, stub_model,
+                                                              tmp_path, caplog):
+    """After a crash of the local Kinesis the checkpoint said 600; a fresh stream with 5 records delivers all 5."""
+    handler, written = collecting_handler(stub_model)
+    put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(5)])
+    saved = {"shards": {"shardId-000000000000": "600"}}
+    if with_identity:  # the range check alone catches it
+        saved["stream"] = stream_identity(kinesis.describe_stream_summary(StreamName=streams["input"])[
+            "StreamDescriptionSummary"])
+    (tmp_path / "cp.json").write_text(json.dumps(saved))
+    stats = EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True)
+    assert stats.records == 5
+    assert [e["prediction"]["ride_id"] for e in written] == [f"ride-{i}" for i in range(5)]
+    assert "sequence number 600 is beyond the shard's last record" in caplog.text
+    assert Checkpoint(tmp_path / "cp.json").get("shardId-000000000000") == "5"
+
+
+def test_checkpoint_at_the_last_record_resumes_after_it(kinesis, streams, stub_model, tmp_path, caplog):
+    """The range check does not mistake a caught-up checkpoint for a stale one."""
+    handler, written = collecting_handler(stub_model)
+    put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(3)])
+    EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True)
+    assert EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(
+        once=True).records == 0
+    put_payloads(kinesis, streams["input"], [ride_payload(3)])
+    assert EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(
+        once=True).records == 1
+    assert [e["prediction"]["ride_id"] for e in written] == [f"ride-{i}" for i in range(4)]
+    assert "TRIM_HORIZON" not in caplog.text
 
 
 def _runner(streams, checkpoint, *extra) -> subprocess.Popen:
@@ -148,7 +288,7 @@ def _runner(streams, checkpoint, *extra) -> subprocess.Popen:
 
 def test_sigkill_mid_stream_no_skip_no_repeat(trained_model, kinesis, s3, settings, streams, tmp_path):
     """Kill -9 the runner after its first checkpointed batch, with a backlog left; a restart
-    finishes the backlog and new rides: every valid ride exactly once, poisoned ones reported."""
+    finishes the backlog and new rides: every valid ride exactly once, poisoned ones dead-lettered."""
     n, poisoned = 120, {3, 77}
     seqs = put_payloads(kinesis, streams["input"], [ride_payload(i, poisoned=i in poisoned) for i in range(n)])
     checkpoint = tmp_path / "cp.json"
@@ -166,26 +306,28 @@ def test_sigkill_mid_stream_no_skip_no_repeat(trained_model, kinesis, s3, settin
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert len(read_stream(kinesis, streams["output"])) == 39  # batch 1 done, ride 3 failed
+    assert len(read_stream(kinesis, streams["output"])) == 39  # batch 1 done, ride 3 dead-lettered
     # more rides arrive while the runner is down
     put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(n, n + 10)])
     proc = _runner(streams, checkpoint, "--once")
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
-    assert "processed 90 record(s) in 1 batch(es); 1 sent to the failure destination" in output
+    assert "processed 90 record(s) in 1 batch(es); 1 dead-lettered by the function; " \
+           "0 sent to the failure destination" in output
 
     out = read_stream(kinesis, streams["output"])
     ids = Counter(e["prediction"]["ride_id"] for e in out)
     assert len(out) == n + 10 - len(poisoned)
     assert set(ids) == {f"ride-{i}" for i in range(n + 10) if i not in poisoned} and max(ids.values()) == 1
-    failures = failures_in(s3, settings.predictions_bucket, streams["input"])
-    assert sorted(r["sequenceNumber"] for f in failures for r in f["records"]) == sorted(seqs[i] for i in poisoned)
+    letters = read_dead_letters(get_settings().dead_letter_prefix)
+    assert sorted(letter["kinesis"]["sequenceNumber"] for letter in letters) == sorted(seqs[i] for i in poisoned)
+    assert failures_in(s3, settings.predictions_bucket, streams["input"]) == []
 
 
 def test_runner_cli_missing_stream_fails_with_sentence(stack, tmp_path):
     proc = subprocess.run([PYTHON, "-m", "ride_duration.stream", "run", "--stream", "no-such-stream", "--once",
                            "--checkpoint", str(tmp_path / "cp.json")],
-                          env=python_env(), capture_output=True, text=True, timeout=120)
+                          env=python_env(), capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1
     assert "error:" in proc.stderr and "no-such-stream" in proc.stderr
 
@@ -196,6 +338,7 @@ def test_checkpoint_file_is_replaced_atomically_and_validated(tmp_path):
     checkpoint.save("shardId-000000000000", "41")
     checkpoint.save("shardId-000000000001", "7")
     assert Checkpoint(path).positions == {"shardId-000000000000": "41", "shardId-000000000001": "7"}
+    assert Checkpoint(path).stream is None  # not bound to a stream yet
     assert [p.name for p in tmp_path.iterdir()] == ["cp.json"]  # no temp files left behind
     path.write_text("{half a fi")
     with pytest.raises(ValueError, match="unreadable.*--reset"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from ride_duration.stream import put_ride, read_stream
+from ride_duration.stream import S3DeadLetters, kinesis_event, put_ride, read_stream
 
 from .conftest import REPO
 from .helpers import PYTHON, python_env
@@ -13,7 +13,7 @@ from .helpers import PYTHON, python_env
 
 def run_script(name: str, *args, **env) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, str(REPO / "scripts" / name), *args], env=python_env(**env),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_put_ride_event(kinesis, make_stream):
@@ -46,3 +46,17 @@ def test_read_predictions(kinesis, make_stream):
     # LATEST: only what arrives after the iterator is taken, so nothing here.
     proc = run_script("read_predictions.py", "--stream", name, "--position", "LATEST")
     assert proc.returncode == 0 and proc.stdout == ""
+
+
+def test_read_dead_letters(s3, settings, make_stream):
+    uri = f"s3://{settings.predictions_bucket}/dead-letter/{make_stream('dead')}/"
+    (record,) = kinesis_event([b"not json"], first_sequence=41)["Records"]
+    S3DeadLetters(uri, s3)(record, "kinesis.data is not JSON: Expecting value")
+    proc = run_script("read_predictions.py", "--dead-letters", uri)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    assert json.loads(line) | {"time": None} == {
+        "uri": f"{uri}shardId-000000000000/41.json", "time": None, "reason": "kinesis.data is not JSON: Expecting value",
+        "sequenceNumber": "41", "data": record["kinesis"]["data"]}
+    proc = run_script("read_predictions.py", "--dead-letters", "s3://no-such-bucket-here/x/")
+    assert proc.returncode == 1 and "could not read the dead letters under s3://no-such-bucket-here/x/" in proc.stderr

@@ -60,9 +60,19 @@ def test_resends_only_failed_entries_with_backoff():
 
 def test_gives_up_loudly_after_bounded_attempts():
     client = FlakyKinesis(lambda attempt, entry: entry["PartitionKey"] == "2")
-    with pytest.raises(PutRecordsFailed, match=r"1 of 4 prediction events .* after 3 attempts"):
+    with pytest.raises(PutRecordsFailed, match=r"1 of 4 prediction events .* after 3 attempts") as failed:
         KinesisWriter("out", client, max_attempts=3, sleep=lambda s: None)(events(4))
     assert client.requests == [[0, 1, 2, 3], [2], [2]]
+    assert failed.value.failed == [2]  # the handler reports that ride's record for a retry
+
+
+def test_failed_chunk_names_its_events_and_every_later_one():
+    client = FlakyKinesis(lambda attempt, entry: entry["PartitionKey"] in {"503", "777"})
+    with pytest.raises(PutRecordsFailed) as failed:
+        KinesisWriter("out", client, max_attempts=2, sleep=lambda s: None)(events(1201))
+    # chunk 1 written; chunk 2 left 503 and 777 unwritten; chunk 3 was never tried
+    assert [len(r) for r in client.requests] == [500, 500, 2]
+    assert failed.value.failed == [503, 777, *range(1000, 1201)]
 
 
 def test_writes_to_real_local_kinesis(kinesis, make_stream):

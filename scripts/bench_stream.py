@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """`make bench-stream`: a 100-record Kinesis batch through the project's handler
 (one predict, one put_records) vs the 2022 design (predict + put_record per
 record), both writing to the same local Kinesis; plus the cold start.

@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Put one ride event on the input stream, like `aws kinesis put-record`.
 
     python scripts/put_ride_event.py --ride-id 256 --pu 130 --do 205 --distance 3.66

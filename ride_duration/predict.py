@@ -148,11 +148,11 @@ def resolve_model(ref: str | None = None, settings: Settings | None = None) -> M
 
 def _pin_registered(uri: str, settings: Settings) -> ModelRef:
     """`models:/name@alias`, `models:/name/<version>` or `models:/<model id>` -> a pinned ref."""
+    _require_tracking_server(uri, settings)  # before importing mlflow (2 s): a dead server fails at once
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    _require_tracking_server(uri, settings)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     client = MlflowClient()
     path = uri.removeprefix("models:/").rstrip("/")

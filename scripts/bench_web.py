@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """`make bench-web`: the project's service vs the 2022 design vs hello world, same load.
 
 Needs the model in the registry (`make services-up train`); prints a markdown table.

@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Post the example ride to the web service and print the answer (the course's test.py).
 
     python scripts/predict_client.py --host localhost:9696

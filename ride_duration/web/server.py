@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import requests
 
@@ -71,7 +72,7 @@ class GunicornServer:
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> "GunicornServer":
+    def start(self, timeout: float = 60) -> Self:
         # Without -c, gunicorn still reads ./gunicorn.conf.py: start it in a neutral folder then.
         cwd = None if "-c" in self.cmd else tempfile.gettempdir()
         with open(self.log_path, "ab") as out:
@@ -112,7 +113,7 @@ class GunicornServer:
         if self._own_log:
             self.log_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "GunicornServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

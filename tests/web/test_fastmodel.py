@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.feature_extraction import DictVectorizer
 from sklearn.linear_model import LinearRegression
 from sklearn.pipeline import make_pipeline
-from sklearn.feature_extraction import DictVectorizer
 
 from ride_duration.fastmodel import FastForest, UnsupportedModel, fast_model
 from ride_duration.utils import load_training_dataframe, prepare_features

@@ -29,6 +29,6 @@ def test_registry_alias_with_tracking_server_down_fails_fast(offline_model):
         server.start(timeout=90)
     log = server.log_tail(20000)
     assert "models:/NYCRideDurationModel@production" in log
-    assert "through the MLflow tracking server" in log
+    assert "MLflow tracking server" in log and "not answering" in log
     assert server.proc.returncode not in (None, 0)
     assert "exited" in str(failed.value)

@@ -14,23 +14,20 @@ status; bad input never reaches the model and never yields a 5xx.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..predict import load_model
-from ..utils import FEATURE_FIELDS, prepare_features
+from ..utils import prepare_features
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "duration-prediction"
-# TLC zone ids: 1..263 are zones, 264/265 are "unknown"/"outside NYC" (taxi_zone_lookup.csv).
-LOCATION_MIN, LOCATION_MAX = 1, 265
-# Longer than any trip inside the TLC area; bigger values are meter glitches.
-MAX_TRIP_DISTANCE = 500.0
 MAX_RIDES = 1000  # per request; a bigger backfill belongs to the batch job
 MAX_CONTENT_LENGTH = 128 * 1024  # bytes: MAX_RIDES rides of ~100 bytes fit
 MAX_DISCARD = 8 * 1024 * 1024  # a bigger body is cut off (the client sees a reset)
@@ -61,26 +58,11 @@ def parse_json(body: bytes):
         raise InvalidRides(f"the request body is not valid JSON: {exc}") from None
 
 
-def _check_ranges(index: int, ride) -> None:
-    for field in ("PULocationID", "DOLocationID"):
-        value = int(ride[field])
-        if not LOCATION_MIN <= value <= LOCATION_MAX:
-            raise InvalidRides(
-                f"ride {index}: field {field!r} must be a TLC zone id between "
-                f"{LOCATION_MIN} and {LOCATION_MAX}, got {value}"
-            )
-    distance = float(ride["trip_distance"])
-    if not 0 <= distance <= MAX_TRIP_DISTANCE:
-        raise InvalidRides(
-            f"ride {index}: field 'trip_distance' must be between 0 and {MAX_TRIP_DISTANCE:g} miles, got {distance:g}"
-        )
-
-
 def validate_rides(payload) -> tuple[list[dict], bool]:
     """JSON payload -> (feature dicts for the model, whether it was a single ride).
 
-    Types (missing fields, booleans, strings, NaN/Infinity) are checked by
-    `prepare_features`, shared with every deployment; ranges are the service's.
+    Each ride is held to the ride contract every deployment shares
+    (`ride_duration.utils.check_ride`: types, zone ids, distance range).
     """
     single = isinstance(payload, dict)
     rides = [payload] if single else payload
@@ -92,8 +74,6 @@ def validate_rides(payload) -> tuple[list[dict], bool]:
         raise InvalidRides(f"at most {MAX_RIDES} rides per request, got {len(rides)}")
     try:
         features = prepare_features(rides)
-        for index, ride in enumerate(rides):
-            _check_ranges(index, ride)
     except RecursionError:
         raise InvalidRides("a ride field is nested too deeply") from None
     except (ValueError, OverflowError) as exc:
@@ -117,12 +97,32 @@ def _discard_body() -> None:
     client then sees "connection reset" instead of our JSON error.
     """
     stream = request.environ.get("wsgi.input")
-    remaining = min(request.content_length or 0, MAX_DISCARD)
-    while stream is not None and remaining > 0:
-        chunk = stream.read(min(remaining, 65536))
-        if not chunk:
-            break
-        remaining -= len(chunk)
+    length = request.content_length
+    remaining = MAX_DISCARD if length is None else min(length, MAX_DISCARD)  # None: chunked, read to its end
+    try:
+        while stream is not None and remaining > 0:
+            chunk = stream.read(min(remaining, 65536))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+    except (OSError, ValueError, HTTPException):  # client gone or too slow (the worker's body deadline)
+        pass
+
+
+def _read_body() -> None:
+    """Read the whole body first, at most MAX_CONTENT_LENGTH bytes, else 413.
+
+    A chunked body has no Content-Length; werkzeug then stops at the limit and
+    keeps what it read, so a too-large body would be cut and answered. Read one
+    byte more than the limit to tell.
+    """
+    environ = request.environ
+    if request.content_length is None and environ.get("wsgi.input_terminated"):
+        body = environ["wsgi.input"].read(MAX_CONTENT_LENGTH + 1)
+        if len(body) > MAX_CONTENT_LENGTH:
+            raise RequestEntityTooLarge()
+        environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+    request.get_data()
 
 
 def _json_errors(app: Flask) -> None:
@@ -140,6 +140,7 @@ def _json_errors(app: Flask) -> None:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         if exc.code == 413:
             _discard_body()
+        if exc.code in (408, 413):  # the rest of the body is unread: no keep-alive (the worker honours this)
             response.headers["Connection"] = "close"
         return response, status
 
@@ -157,10 +158,9 @@ def _new_app(name: str) -> Flask:
 
     @app.before_request
     def read_body():
-        # Read (at most MAX_CONTENT_LENGTH of) every body, even one we reject:
-        # gunicorn 26's gthread worker stalls a keep-alive connection whose
-        # previous body was left unread (seen as 5 s hangs under load).
-        request.get_data()
+        # Every body, even one we reject: a body left unread would be drained by
+        # gunicorn before the connection's next request (and stalled gthread).
+        _read_body()
 
     return app
 
@@ -189,12 +189,15 @@ def create_app(model=None, model_version: str | None = None, *, runtime: str = "
     else:
         raise ValueError(f"runtime must be 'fast' or 'sklearn', got {runtime!r}")
     version = str(model_version or "unknown")
+    # What the model was trained on ({"synthetic": ..., "files": [...]}), set by load_model; None if unknown.
+    training_data = getattr(model, "training_data", None)
     app = _new_app(APP_NAME)
     app.config.update(MODEL_VERSION=version, RUNTIME=type(predictor).__name__)
 
     @app.get("/health")
     def health():
-        return jsonify(status="ok", model_version=version, runtime=app.config["RUNTIME"])
+        return jsonify(status="ok", model_version=version, runtime=app.config["RUNTIME"],
+                       training_data=training_data)
 
     @app.post("/predict")
     def predict():

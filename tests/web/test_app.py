@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from ride_duration.predict import make_prediction
@@ -65,6 +67,18 @@ def test_health(client):
     assert response.get_json()["model_version"] == "v-test"
 
 
+def test_health_shows_the_training_data(trained_model):
+    """/health says what the model was trained on: `load_model` sets `training_data` on the model."""
+    model = copy.deepcopy(trained_model["pipeline"])  # the session's pipeline stays as it is
+    model.training_data = {"synthetic": False, "files": [{"name": "green_tripdata_2021-01.parquet",
+                                                          "sha256": "ab" * 32}]}
+    health = create_app(model, model_version="v").test_client().get("/health").get_json()
+    assert health["training_data"] == model.training_data
+    vars(model).pop("training_data")  # a model of unknown provenance
+    unknown = create_app(model, model_version="v").test_client().get("/health").get_json()
+    assert "training_data" in unknown and unknown["training_data"] is None
+
+
 def test_loads_from_registry_once(trained_model, monkeypatch):
     import ride_duration.web.app as web_app
 
@@ -90,6 +104,8 @@ def test_loads_from_registry_once(trained_model, monkeypatch):
         ({**RIDE, "PULocationID": 130.5}, 400, "field 'PULocationID' must be an integer"),
         ({**RIDE, "trip_distance": -1}, 400, "'trip_distance' must be between 0 and 500 miles, got -1"),
         ({**RIDE, "trip_distance": 1e9}, 400, "'trip_distance' must be between 0 and 500 miles"),
+        # the value as the client sent it, not rounded to "got 500"
+        ({**RIDE, "trip_distance": 500.0000001}, 400, "'trip_distance' must be between 0 and 500 miles, got 500.0000001"),
         ([], 400, "expected at least one ride"),
         ([RIDE, {**RIDE, "trip_distance": None}], 400, "ride 1: field 'trip_distance' is missing"),
         ([RIDE] * (MAX_RIDES + 1), 400, f"at most {MAX_RIDES} rides per request"),

@@ -36,7 +36,8 @@ def real_data_dir() -> Path | None:
 
 
 def _start_stack(tmp_path_factory, services) -> LocalStack:
-    ports = {name: free_port() for name in ("s3", "mlflow", "prefect")}
+    # SeaweedFS's internal block of ports is chosen free by LocalStack itself.
+    ports = {name: free_port() for name in ("s3", "kinesis", "mlflow", "prefect")}
     stack = LocalStack(local_dir=tmp_path_factory.mktemp("stack"), ports=ports, quiet=True)
     stack.up(services)
     return stack
@@ -44,7 +45,7 @@ def _start_stack(tmp_path_factory, services) -> LocalStack:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """moto (S3 + Kinesis) and mlflow server on free ports; env points at them."""
+    """SeaweedFS (S3), moto (Kinesis) and mlflow server on free ports; env points at them."""
     saved = dict(os.environ)
     stack = _start_stack(tmp_path_factory, ("s3", "mlflow"))
     stack.activate()

@@ -1,15 +1,23 @@
 """The local stack and the model store, with real servers on free ports."""
 
+import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import requests
 
 from ride_duration import config
 from ride_duration.predict import ModelNotFound, load_model, make_prediction, s3_model_uri
-from ride_duration.stack import LocalStack, StackError, free_port
-from ride_duration.train import TrackingServerDown, check_tracking_server, log_to_mlflow, main as train_main
+from ride_duration.stack import SERVICES, LocalStack, StackError, activate_if_running, free_port, port_in_use
+from ride_duration.train import TrackingServerDown, check_tracking_server, log_to_mlflow
+from ride_duration.train import main as train_main
 
 EXAMPLE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 pytestmark = pytest.mark.integration
@@ -158,7 +166,10 @@ def test_stack_cli_status_and_env(own_stack, monkeypatch, capsys):
     assert "down" in capsys.readouterr().out
     assert main(["env"]) == 0
     out = capsys.readouterr().out
-    assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{own_stack.ports['s3']}" in out
+    # moto serves Kinesis and every other AWS API; S3 (boto3, s3fs, MLflow) goes to SeaweedFS
+    assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{own_stack.ports['kinesis']}" in out
+    assert f"export AWS_ENDPOINT_URL_S3=http://127.0.0.1:{own_stack.ports['s3']}" in out
+    assert f"export MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:{own_stack.ports['s3']}" in out
     assert "export AWS_ACCESS_KEY_ID=test" in out
 
 
@@ -172,3 +183,257 @@ def test_aws_profile_used_when_endpoint_unset(monkeypatch):
     assert s3_client().meta.endpoint_url == "https://s3.eu-west-1.amazonaws.com"
     assert "endpoint_url" not in storage_options("s3://b/k")["client_kwargs"]
     assert config.get_settings().is_local_stack is False
+
+
+# ------------------------------------------------------------------ crash of the stack (issue 11, item 4)
+def _kill_9(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    try:
+        os.waitpid(pid, 0)  # started by this process: reap it, as its parent would
+    except ChildProcessError:
+        pass
+
+
+def test_kill_9_of_every_stack_process_keeps_models_and_objects(trained_model, tmp_path, monkeypatch, capsys):
+    """Train + score, `kill -9` each server's process (pid files), `up`: the @production
+    model loads and the predictions object reads back byte for byte."""
+    import mlflow
+    import pandas as pd
+
+    from ride_duration.aws import s3_client, storage_options
+
+    session_tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+    stack = LocalStack(local_dir=tmp_path / "local", ports={n: free_port() for n in ("s3", "mlflow", "prefect")})
+    for key, value in stack.env().items():
+        monkeypatch.setenv(key, value)
+    try:
+        stack.up(("s3", "mlflow"))
+        logged = log_to_mlflow(trained_model["result"], promote=True)
+        rides = [{**EXAMPLE, "trip_distance": d} for d in (0.5, 3.66, 12.0)]
+        expected = make_prediction(trained_model["pipeline"], rides)
+        path = f"s3://{stack.predictions_bucket}/taxi_type=green/year=2021/month=02/predictions.parquet"
+        pd.DataFrame({"ride_id": ["a", "b", "c"], "predicted_duration": expected}).to_parquet(
+            path, storage_options=storage_options(path))  # pandas -> s3fs -> SeaweedFS, as batch writes
+        key = path.removeprefix(f"s3://{stack.predictions_bucket}/")
+        written = s3_client().get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read()
+        before = stack.s3_inventory()
+        assert before[stack.predictions_bucket] == 1 and before[stack.mlflow_bucket] >= 5  # MLmodel, model.skops, ...
+
+        pids = {name: stack._pid_info(name)["pid"] for name in ("s3", "kinesis", "mlflow")}
+        for pid in pids.values():
+            _kill_9(pid)  # the pid file's process only: mlflow's uvicorn worker lives on, orphaned
+        capsys.readouterr()
+        stack.up(("s3", "mlflow"))
+        out = capsys.readouterr().out
+
+        for name, pid in pids.items():
+            assert f"pid {pid} (from {stack._pidfile(name)}) is no longer running" in out
+        assert "stopping a server of this stack that lost its pid file: mlflow pid" in out
+        assert f"s3       {sum(before.values())} object(s) in {len(before)} bucket(s) kept" in out
+        assert "recreated empty (moto keeps streams in memory" in out
+        assert stack.s3_inventory() == before
+        model, version = load_model()  # models:/NYCRideDurationModel@production, through the restarted registry
+        assert version == logged.run_id
+        assert make_prediction(model, rides).tolist() == pytest.approx(expected.tolist())
+        assert s3_client().get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read() == written
+        assert pd.read_parquet(path, storage_options=storage_options(path))["predicted_duration"].tolist() == (
+            pytest.approx(expected.tolist()))
+
+        # When the artifacts ARE gone, loading says so, and where.
+        bucket, _, prefix = logged.s3_uri.removeprefix("s3://").partition("/")
+        s3 = s3_client()
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                s3.delete_object(Bucket=bucket, Key=obj["Key"])
+        with pytest.raises(ModelNotFound) as excinfo:
+            load_model()
+        message = str(excinfo.value)
+        assert "artifacts are missing" in message
+        assert logged.s3_uri.rstrip("/") in message and stack.url("s3") in message
+    finally:
+        stack.down()
+        mlflow.set_tracking_uri(session_tracking_uri)
+
+
+def test_upgrade_from_the_moto_s3_version_loses_no_object(tmp_path, capsys):
+    """An older checkout kept S3 in moto's memory, saved to `.local/s3` by `down`. Its
+    snapshot, and the objects of its stack still running, end up in SeaweedFS."""
+    import boto3
+
+    stack = LocalStack(local_dir=tmp_path / "local", ports={n: free_port() for n in ("s3", "mlflow", "prefect")})
+    old = stack.legacy_snapshot_dir / "mlflow-models-ride-duration" / "1" / "models" / "m-1" / "artifacts"
+    old.mkdir(parents=True)
+    (old / "MLmodel").write_text("flavors: {}\n")
+    # The older version's S3 (moto on what is now the Kinesis port), started as it did, with a pid file.
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(stack.ports["kinesis"])]
+    moto = subprocess.Popen(cmd, cwd=stack.local_dir, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    stack.run_dir.mkdir(parents=True)
+    stack._pidfile("s3").write_text(json.dumps({"pid": moto.pid, "port": stack.ports["kinesis"], "cmd": cmd}))
+    try:
+        old_s3 = boto3.client("s3", endpoint_url=stack.url("kinesis"), region_name="eu-west-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        for _ in range(100):
+            if port_in_use(stack.ports["kinesis"]):
+                break
+            time.sleep(0.1)
+        old_s3.create_bucket(Bucket="nyc-duration-prediction", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+        old_s3.put_object(Bucket="nyc-duration-prediction", Key="taxi_type=green/p.parquet", Body=b"in memory")
+
+        stack.up(("s3",))
+        out = capsys.readouterr().out
+        assert f"saved 1 object(s) from the running older stack's in-memory S3 (moto, {stack.url('kinesis')})" in out
+        assert f"imported 2 object(s) from the snapshot an older version left in {stack.legacy_snapshot_dir}" in out
+        assert not stack.legacy_snapshot_dir.exists() and (stack.local_dir / "s3.imported").is_dir()
+        assert moto.wait(timeout=10) is not None
+        s3, _ = stack._clients()
+        body = s3.get_object(Bucket="mlflow-models-ride-duration", Key="1/models/m-1/artifacts/MLmodel")["Body"]
+        assert body.read() == b"flavors: {}\n"
+        assert s3.get_object(Bucket="nyc-duration-prediction", Key="taxi_type=green/p.parquet")["Body"].read() == (
+            b"in memory")
+    finally:
+        stack.down()
+        if moto.poll() is None:
+            moto.kill()
+
+
+# ------------------------------------------------------------------ processes whose pid files are gone (item 10)
+def _listen_addresses(ports) -> set[str]:
+    """host:port of every listening TCP socket (IPv4 and IPv6) on one of `ports`."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port = local.split(":")
+            if state == "0A" and int(port, 16) in ports:
+                host = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)) if width == 8 else address
+                found.add(f"{host}:{int(port, 16)}")
+    return found
+
+
+def test_every_listener_is_on_loopback_and_lost_pid_files_are_found(tmp_path, capsys):
+    stack = LocalStack(local_dir=tmp_path / "local", ports={n: free_port() for n in ("s3", "mlflow", "prefect")})
+    try:
+        stack.up(("s3",))  # SeaweedFS and moto
+        processes = stack.processes()
+        assert {p["service"] for p in processes} == {"s3", "kinesis"}
+        listening = {port for p in processes for port in p["ports"]}
+        # SeaweedFS: S3 + master, volume, filer, admin and their gRPC ports, nothing else, all on 127.0.0.1
+        assert listening == {*stack._service_ports("s3"), stack.ports["kinesis"]}
+        assert _listen_addresses(listening) == {f"127.0.0.1:{port}" for port in listening}
+
+        shutil.rmtree(stack.run_dir)  # as `rm -rf .local/run` (or all of .local) with the stack running
+        orphans = stack.orphans()
+        assert sorted(p["pid"] for p in orphans) == sorted(p["pid"] for p in processes)
+        capsys.readouterr()
+        stack.up(("s3",))  # names them, stops them, starts afresh
+        out = capsys.readouterr().out
+        for p in processes:
+            assert f"lost its pid file: {p['service']} pid {p['pid']}" in out
+        assert all(info["healthy"] for name, info in stack.status().items() if name in ("s3", "kinesis"))
+
+        shutil.rmtree(stack.run_dir)
+        LocalStack(local_dir=stack.local_dir, ports=stack.ports).down()  # a new shell: no pid file
+        assert not any(port_in_use(port) for port in listening)
+        assert stack.processes() == []
+    finally:
+        stack.down()
+
+
+# ------------------------------------------------------------------ custom ports (item 9)
+def test_custom_ports_each_ui_talks_to_its_own_server_and_a_new_shell_sees_them(stack, tmp_path, monkeypatch):
+    own = LocalStack(local_dir=tmp_path / "local", ports={n: free_port() for n in SERVICES}, quiet=True)
+    try:
+        own.up(("s3", "prefect"))
+        # Prefect's UI reads the API's address from /ui-settings: its own server, not :4200.
+        ui = requests.get(f"{own.url('prefect')}/ui-settings", timeout=10).json()
+        assert ui["api_url"] == f"{own.url('prefect')}/api"
+
+        # A new shell knows only LOCAL_DIR: `stack env` prints the running stack's endpoints.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STACK_")}
+        env["LOCAL_DIR"] = str(own.local_dir)
+        out = subprocess.run([sys.executable, "-m", "ride_duration.stack", "env"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, check=True).stdout
+        assert f"export AWS_ENDPOINT_URL_S3={own.url('s3')}\n" in out
+        assert f"export AWS_ENDPOINT_URL={own.url('kinesis')}\n" in out
+        assert f"export MLFLOW_TRACKING_URI={own.url('mlflow')}\n" in out
+        assert f"export PREFECT_API_URL={own.url('prefect')}/api\n" in out
+        status = subprocess.run([sys.executable, "-m", "ride_duration.stack", "status"], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, check=True).stdout
+        assert f"prefect  up                   {own.url('prefect')}" in status
+        for key in [k for k in os.environ if k.startswith("STACK_")]:
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("LOCAL_DIR", str(own.local_dir))
+        assert LocalStack.from_settings().ports == own.ports
+    finally:
+        own.down()
+    # After `down` the folder's stack is the default one again.
+    assert LocalStack.running_ports(own.local_dir) == {}
+
+    # MLflow's UI calls its API with URLs relative to the page: whatever port it is served on.
+    page = requests.get(f"{stack.url('mlflow')}/", timeout=10)
+    assert page.ok and "5000" not in page.text and "http" not in page.text.split("<body")[0].split("<script")[0]
+    search = requests.get(f"{stack.url('mlflow')}/ajax-api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+    assert search.ok
+
+
+# ------------------------------------------------------------------ which servers a CLI uses (item 6)
+_SERVER_SETTINGS = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL",
+                    "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+@pytest.fixture
+def unconfigured(stack, monkeypatch):
+    """No server settings at all (no .env either), LOCAL_DIR = the running session stack's folder."""
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key in _SERVER_SETTINGS or key.startswith(("AWS_ENDPOINT_URL_", "STACK_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("LOCAL_DIR", str(stack.local_dir))
+    monkeypatch.setattr(config, "load_env_file", lambda path=None: None)
+    yield stack
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize("settings", [
+    {"MLFLOW_TRACKING_URI": "http://mlflow.example.internal:5000"},
+    {"AWS_PROFILE": "course"},
+    {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret"},
+    {"AWS_ENDPOINT_URL_S3": "https://s3.example.internal"},
+    {"PREFECT_API_URL": "https://prefect.example.internal/api"},
+], ids=["tracking-uri", "aws-profile", "aws-keys", "s3-endpoint", "prefect-api"])
+def test_activate_if_running_never_replaces_configured_servers(unconfigured, monkeypatch, settings):
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    before = dict(os.environ)
+    assert unconfigured.healthy("s3")
+    assert activate_if_running(announce=False) is False
+    assert dict(os.environ) == before
+
+
+def test_activate_if_running_when_nothing_is_configured_or_the_stack_is_named(unconfigured, monkeypatch):
+    stack = unconfigured
+    assert activate_if_running(announce=False) is True
+    assert {key: os.environ[key] for key in stack.env()} == stack.env()
+    # An older .env that points at the stack (S3 on moto's port) is completed and corrected.
+    for key in stack.env():
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.url("mlflow"))
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", stack.url("kinesis"))
+    assert activate_if_running(announce=False) is True
+    assert os.environ["MLFLOW_S3_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL_S3"] == stack.url("s3")
+
+
+# ------------------------------------------------------------------ git and image ignore files (item 10)
+def test_env_files_stay_out_of_git_and_images_but_the_example_is_tracked():
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = [".env", ".env.aws", ".env.local", ".env.example"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=repo, capture_output=True, text=True,
+                          check=False)
+    assert done.stdout.split() == [".env", ".env.aws", ".env.local"]
+    for image in ("web-service", "streaming"):
+        lines = (repo / "docker" / image / "Dockerfile.dockerignore").read_text().split()
+        assert {".env*", ".local", "data"} <= set(lines), image

@@ -97,10 +97,10 @@ def score_main(argv=None) -> int:
 
     def body():
         _prefect_ready()
+        model = _pinned_model(args.run_id)  # before importing Prefect (3 s): fail fast
         from .core import run_date_for
         from .flows import ride_duration_prediction
 
-        model = _pinned_model(args.run_id)
         result = ride_duration_prediction(taxi_type=args.taxi_type, run_id=model,
                                           run_date=run_date_for(args.year, args.month))
         print(json.dumps(result, indent=1))
@@ -119,11 +119,12 @@ def backfill_main(argv=None) -> int:
 
     def body():
         _prefect_ready()
+        model = _pinned_model(args.run_id)  # before importing Prefect (3 s): fail fast
         from .flows import ride_duration_prediction_backfill
 
         (y0, m0), (y1, m1) = args.start, args.end
         results = ride_duration_prediction_backfill(
-            taxi_type=args.taxi_type, run_id=_pinned_model(args.run_id), parallel=not args.sequential,
+            taxi_type=args.taxi_type, run_id=model, parallel=not args.sequential,
             start_date=f"{y0:04d}-{m0:02d}", end_date=f"{y1:04d}-{m1:02d}")
         for r in results:
             print(f"{r['year']:04d}-{r['month']:02d}  {r['rows']:>9,d} rides  RMSE {r['rmse']:.3f}  "

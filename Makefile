@@ -48,8 +48,8 @@ services-status: venv
 # --- part 1-2: data, model, registry -----------------------------------------
 data: venv ## fetch green 2021-01/02 + zones (TLC_MIRROR, checksums, fallback)
 	$(PY) -m ride_duration.data
-train: venv ## train, log to MLflow, register and promote
-	$(PY) scripts/train.py --promote
+train: venv ## train, log to MLflow, register and promote (ALLOW_SYNTHETIC=1 without the real data)
+	$(PY) scripts/train.py --promote $(if $(ALLOW_SYNTHETIC),--allow-synthetic)
 build: venv ## sdist + wheel into dist/, checked by twine
 	$(PY) -m build --outdir dist . && $(PY) -m twine check dist/*
 

@@ -28,7 +28,7 @@ from sklearn.metrics import root_mean_squared_error
 from sklearn.pipeline import Pipeline, make_pipeline
 
 from .config import Settings, get_settings
-from .predict import TRUSTED_TYPES
+from .predict import TRUSTED_TYPES, TrackingServerDown, check_tracking_server
 from .utils import TARGET, load_training_dataframe, prepare_features
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ def _model_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("scikit-learn", "skops", "numpy", "scipy")]
-
-
-class TrackingServerDown(RuntimeError):
-    pass
 
 
 class SyntheticDataRefused(RuntimeError):
@@ -131,20 +127,6 @@ def describe_training_data(training_data: dict | None) -> str:
         lines.append(f"{label:12s} {f['file']} ({kind}, {f['rows']:,} rows, sha256 {f['sha256'][:12]}, "
                      f"from {f['source']})")
     return "\n".join(lines)
-
-
-def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
-    import requests
-
-    if not uri.startswith("http"):
-        return  # file or sqlite store: nothing to reach
-    try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
-    except requests.RequestException as exc:
-        raise TrackingServerDown(
-            f"the MLflow tracking server at {uri} is not answering ({exc.__class__.__name__}). "
-            "Start the local stack with `make services-up` (or point MLFLOW_TRACKING_URI at your server)."
-        ) from None
 
 
 @dataclass

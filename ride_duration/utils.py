@@ -66,6 +66,8 @@ def show_value(value) -> str:
     5,000-digit int in full (its str() even raises past Python's digit limit)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, np.generic):
+        value = value.item()  # `np.float64(3.5)` -> `3.5`: as the client wrote it
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
@@ -116,10 +118,14 @@ def ride_problems(frame: pd.DataFrame) -> pd.Series:
     for field in FEATURE_FIELDS:
         column = frame[field]
         flag(column.isna(), field, "is missing")
-        if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
-            numeric = pd.to_numeric(column, errors="coerce") if not pd.api.types.is_bool_dtype(column) \
-                else pd.Series(np.nan, index=frame.index)
-            flag(numeric.isna(), field, "must be a number")
+        if pd.api.types.is_bool_dtype(column):
+            flag(np.ones(len(frame), dtype=bool), field, "must be a number")
+            numeric = pd.Series(np.nan, index=frame.index)
+        elif not pd.api.types.is_numeric_dtype(column):
+            # An object column: only real numbers count, as in `check_ride` ("7" and True do not).
+            is_number = column.map(lambda v: isinstance(v, (Real, np.number)) and not isinstance(v, (bool, np.bool_)))
+            flag(~is_number.to_numpy(dtype=bool), field, "must be a number")
+            numeric = pd.to_numeric(column.where(is_number), errors="coerce")
         else:
             numeric = column
         values = numeric.to_numpy(dtype=float, na_value=np.nan)

@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""`make test`: pytest (unit + integration) and nbval over every notebook, in one run.
+"""`make test`: pytest (unit + integration), then nbval over every notebook.
 
-Tests start their own servers on free ports. The notebooks use the default local
-stack (4566/5000/4200) like a learner would; if it was not running before, it is
-stopped again afterwards, so `make test` leaves the machine as it found it.
+Two pytest processes, not one: the tests point their own process at servers on
+free ports (and leave that environment set until the session ends), while the
+notebooks must see the learner's environment and use the default local stack
+(4566/4572/5000/4200) like a learner would. If that stack was not running
+before, it is stopped again afterwards, so `make test` leaves the machine as it
+found it.
 """
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
+    extra = sys.argv[1:]
     stack = LocalStack.from_settings(quiet=True)
     was_up = any(info["pid"] for info in stack.status().values())
-    cmd = [
-        sys.executable, "-m", "pytest", "tests", "notebooks",
-        "--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg",
-        "--nbval-cell-timeout", "900", "--durations", "15", *sys.argv[1:],
-    ]
+    pytest = [sys.executable, "-m", "pytest", "--durations", "15"]
+    nbval = ["--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg", "--nbval-cell-timeout", "900"]
     try:
-        return subprocess.call(cmd, cwd=ROOT)
+        tests = subprocess.call([*pytest, "tests", *extra], cwd=ROOT, env=dict(os.environ))
+        notebooks = subprocess.call([*pytest, "notebooks", *nbval, *extra], cwd=ROOT, env=dict(os.environ))
+        return tests or notebooks
     finally:
         if not was_up:
             stack.down()

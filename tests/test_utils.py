@@ -128,10 +128,8 @@ CONTRACT = [
     ({**EXAMPLE, "trip_distance": math.inf}, "field 'trip_distance' must be finite"),
     ({**EXAMPLE, "trip_distance": -math.inf}, "field 'trip_distance' must be finite"),
     ({**EXAMPLE, "trip_distance": "far"}, "field 'trip_distance' must be a number"),
-    pytest.param({**EXAMPLE, "trip_distance": True}, "field 'trip_distance' must be a number",
-                 marks=pytest.mark.xfail(strict=True, reason="ride_problems coerces True to 1 in an object column")),
-    pytest.param({**EXAMPLE, "PULocationID": "7"}, "field 'PULocationID' must be a number",
-                 marks=pytest.mark.xfail(strict=True, reason="ride_problems coerces the string '7' to 7")),
+    ({**EXAMPLE, "trip_distance": True}, "field 'trip_distance' must be a number"),
+    ({**EXAMPLE, "PULocationID": "7"}, "field 'PULocationID' must be a number"),
 ]
 
 

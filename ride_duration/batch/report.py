@@ -74,7 +74,7 @@ def require_model(model: str | None = None, settings: Settings | None = None):
     """The model to score with, pinned (`ModelRef`). ReportStopped, one sentence saying
     what to run, when its tracking server is down or no model has the alias."""
     from ..predict import ModelNotFound
-    from ..train import TrackingServerDown, check_tracking_server
+    from ..predict import TrackingServerDown, check_tracking_server
     from .core import resolve_model
 
     settings = settings or get_settings()

@@ -73,8 +73,7 @@ def _needs_tracking_server(model: str | None, settings: Settings) -> bool:
 def require_model(model: str | None = None, settings: Settings | None = None):
     """The model to score with, pinned (`ModelRef`). ReportStopped, one sentence saying
     what to run, when its tracking server is down or no model has the alias."""
-    from ..predict import ModelNotFound
-    from ..predict import TrackingServerDown, check_tracking_server
+    from ..predict import ModelNotFound, TrackingServerDown, check_tracking_server
     from .core import resolve_model
 
     settings = settings or get_settings()

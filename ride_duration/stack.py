@@ -491,15 +491,24 @@ class LocalStack:
         return orphans
 
     @staticmethod
-    def _describe(process: dict) -> str:
-        where = ", ".join(f"{HOST}:{port}" for port in process["ports"])
-        where = f"listening on {where}" if where else "no listening port"
-        return f"{process['service']} pid {process['pid']} ({where}): {process['cmd'][:100]}"
+    def describe(processes: list[dict]) -> list[str]:
+        """One line per service: its listening processes by port and command, then the others."""
+        lines = []
+        for service in SERVICES:
+            group = [p for p in processes if p["service"] == service]
+            parts = [f"pid {p['pid']} listening on {', '.join(f'{HOST}:{port}' for port in p['ports'])} "
+                     f"({p['cmd'][:90]})" for p in group if p["ports"]]
+            others = [str(p["pid"]) for p in group if not p["ports"]]
+            if others:
+                parts.append(f"{len(others)} worker process(es) without a port, pid {', '.join(others)}")
+            if parts:
+                lines.append(f"{service:8s} " + "; ".join(parts))
+        return lines
 
     def _stop_orphans(self, why: str) -> int:
         orphans = self.orphans()
-        for process in orphans:
-            self._say(f"{why}: {self._describe(process)}")
+        for line in self.describe(orphans):
+            self._say(f"{line}: {why}")
         _terminate([p["pid"] for p in orphans])
         return len(orphans)
 
@@ -613,7 +622,7 @@ class LocalStack:
             services.add("kinesis")  # "s3" meant moto's S3 + Kinesis before they were split
         services = [s for s in SERVICES if s in services]
         stale = self._clear_stale_pidfiles()
-        self._stop_orphans("stopping a server of this stack that lost its pid file")
+        self._stop_orphans("running without a pid file (deleted, or its parent process crashed): stopped it")
         store_existed = (self.seaweedfs_dir / "mini.options").is_file()
         self._write_state()
         # Start everything at once, then wait: servers that take seconds start in parallel.
@@ -638,7 +647,7 @@ class LocalStack:
     def down(self) -> None:
         for name in self._stop_many(reversed(SERVICES)):
             self._say(f"{name:8s} stopped")
-        self._stop_orphans("stopping a server of this stack without a pid file")
+        self._stop_orphans("running without a pid file: stopped it")
         self.state_file.unlink(missing_ok=True)
 
     def stop(self, name: str) -> bool:
@@ -804,8 +813,8 @@ def main(argv=None) -> int:
             for name, info in stack.status().items():
                 state = "up" if info["healthy"] else ("starting/unhealthy" if info["pid"] else "down")
                 print(f"{name:8s} {state:20s} {info['url']}  pid={info['pid'] or '-'}")
-            for process in stack.orphans():
-                print(f"without a pid file (`stack down` stops it): {stack._describe(process)}")
+            for line in stack.describe(stack.orphans()):
+                print(f"{line}: running without a pid file (`stack down` stops it)")
         elif args.command == "env":
             for key, value in stack.env().items():
                 print(f"export {key}={value}")

@@ -718,7 +718,10 @@ def _terminate(pids: list[int], timeout: float = 15, group: bool = False) -> Non
 
 # ------------------------------------------------------------------ which servers to use
 _ENDPOINT_KEYS = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")
-_ACCOUNT_KEYS = ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# An AWS account configured in the environment (profile, keys, a role, ECS/EKS credentials).
+_ACCOUNT_KEYS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI")
 
 
 def _same_server(a: str, b: str) -> bool:
@@ -730,7 +733,7 @@ def _same_server(a: str, b: str) -> bool:
 def configured_elsewhere(stack: LocalStack, environ=None) -> list[str]:
     """The settings in `environ` that choose servers or an account other than `stack`'s."""
     environ = os.environ if environ is None else environ
-    ours = set(stack.env().values()) | {stack.url(name) for name in SERVICES}
+    ours = [stack.url(name) for name in SERVICES]
     keys = [*_ENDPOINT_KEYS, *(k for k in environ if k.startswith("AWS_ENDPOINT_URL_")), *_ACCOUNT_KEYS]
     elsewhere = []
     for key in dict.fromkeys(keys):

@@ -314,7 +314,7 @@ def _listen_addresses(ports) -> set[str]:
     return found
 
 
-def test_every_listener_is_on_loopback_and_lost_pid_files_are_found(tmp_path, capsys):
+def test_every_listener_is_on_loopback_and_lost_pid_files_are_found(tmp_path, capsys, monkeypatch):
     stack = LocalStack(local_dir=tmp_path / "local", ports={n: free_port() for n in ("s3", "mlflow", "prefect")})
     try:
         stack.up(("s3",))  # SeaweedFS and moto
@@ -333,7 +333,12 @@ def test_every_listener_is_on_loopback_and_lost_pid_files_are_found(tmp_path, ca
         shutil.rmtree(stack.run_dir)  # as `rm -rf .local/run` (or all of .local) with the stack running
         orphans = stack.orphans()
         assert sorted(p["pid"] for p in orphans) == sorted(p["pid"] for p in processes)
+        from ride_duration.stack import main
+
+        monkeypatch.setenv("LOCAL_DIR", str(stack.local_dir))
         capsys.readouterr()
+        assert main(["status"]) == 0
+        assert capsys.readouterr().out.count("running without a pid file (`stack down` stops it)") == 2
         stack.up(("s3",))  # names them, stops them, starts afresh
         out = capsys.readouterr().out
         for p in processes:

@@ -329,6 +329,15 @@ def test_every_listener_is_on_loopback_and_lost_pid_files_are_found(tmp_path, ca
         assert {p["service"] for p in processes} == {"s3", "kinesis"}
         assert listening == expected
         assert _listen_addresses(listening) == {f"127.0.0.1:{port}" for port in listening}
+        # S3 sent to moto (an older .env) is refused, not kept in its memory
+        import boto3
+        from botocore.exceptions import ClientError
+
+        wrong = boto3.client("s3", endpoint_url=stack.url("kinesis"), region_name="eu-west-1",
+                             aws_access_key_id="test", aws_secret_access_key="test")
+        with pytest.raises(ClientError, match=f"S3 is SeaweedFS at {stack.url('s3')}") as refused:
+            wrong.put_object(Bucket=stack.predictions_bucket, Key="lost.txt", Body=b"x")
+        assert refused.value.response["Error"]["Code"] == "WrongEndpoint"
 
         shutil.rmtree(stack.run_dir)  # as `rm -rf .local/run` (or all of .local) with the stack running
         orphans = stack.orphans()

@@ -27,7 +27,8 @@ INPUT_STREAM = "ride_events"
 PREDICTIONS_STREAM = "ride_predictions"
 
 # Ports of the local stack (conventional; see README).
-S3_PORT = 4566
+AWS_PORT = 4566  # moto: Kinesis and every AWS API but S3 (LocalStack's edge port)
+S3_PORT = 4572  # SeaweedFS's S3 gateway (LocalStack's historic S3 port)
 MLFLOW_PORT = 5000
 PREFECT_PORT = 4200
 WEB_PORT = 9696
@@ -141,7 +142,7 @@ def get_settings() -> Settings:
         aws_endpoint_url=endpoint,
         aws_region=env("AWS_DEFAULT_REGION") or env("AWS_REGION") or "eu-west-1",
         mlflow_tracking_uri=env("MLFLOW_TRACKING_URI") or f"http://127.0.0.1:{MLFLOW_PORT}",
-        mlflow_s3_endpoint_url=env("MLFLOW_S3_ENDPOINT_URL") or endpoint,
+        mlflow_s3_endpoint_url=env("MLFLOW_S3_ENDPOINT_URL") or env("AWS_ENDPOINT_URL_S3") or endpoint,
         mlflow_bucket=env("MLFLOW_BUCKET") or MLFLOW_BUCKET,
         predictions_bucket=env("PREDICTIONS_BUCKET") or PREDICTIONS_BUCKET,
         experiment_name=env("EXPERIMENT_NAME") or EXPERIMENT_NAME,

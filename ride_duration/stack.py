@@ -46,8 +46,8 @@ WEED_BLOCK = "seaweedfs"
 GRPC_OFFSET = 10000
 WEED_HTTP = ("master", "volume", "filer", "admin")
 DEFAULT_PORTS = {
-    "s3": 4572,  # LocalStack's historic S3 port
-    "kinesis": 4566,  # LocalStack's edge port: every AWS API but S3
+    "s3": config.S3_PORT,
+    "kinesis": config.AWS_PORT,
     "mlflow": config.MLFLOW_PORT,
     "prefect": config.PREFECT_PORT,
     WEED_BLOCK: 4573,

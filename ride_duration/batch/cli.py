@@ -36,15 +36,15 @@ def _prefect_ready() -> str:
     get_settings()  # loads .env into os.environ if present
     url = os.environ.get("PREFECT_API_URL")
     if not url:
-        from ..stack import LocalStack
+        from ..stack import LocalStack, activate_if_running
 
-        stack = LocalStack.from_settings(quiet=True)
-        if not stack.healthy("prefect"):
+        # Only the local stack's own Prefect, and only when nothing else is configured.
+        if not (LocalStack.from_settings(quiet=True).healthy("prefect") and activate_if_running(announce=False)):
             raise CliError(
-                "PREFECT_API_URL is not set and no local Prefect server answers: run `make services-up` "
+                "PREFECT_API_URL is not set, and the local stack's Prefect is down or other servers are "
+                "configured: run `make services-up`, or set PREFECT_API_URL to your server "
                 "(and `eval \"$(python -m ride_duration.stack env)\"`, or copy .env.example to .env)"
             )
-        stack.activate()
         url = os.environ["PREFECT_API_URL"]
         print(f"using the local stack (Prefect {url})", file=sys.stderr)
     try:

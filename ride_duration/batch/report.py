@@ -43,7 +43,8 @@ class ReportStopped(RuntimeError):
 def servers(settings: Settings | None = None) -> str:
     """Which servers this report talks to, for its first output."""
     settings = settings or get_settings()
-    s3 = os.environ.get("AWS_ENDPOINT_URL_S3") or settings.aws_endpoint_url  # as aws.s3_client chooses
+    # as aws.s3_client chooses: the S3-specific endpoint first (the local stack's S3 is not its Kinesis)
+    s3 = os.environ.get("AWS_ENDPOINT_URL_S3") or settings.mlflow_s3_endpoint_url or settings.aws_endpoint_url
     return f"S3: {s3 or 'AWS (no endpoint configured)'}; MLflow: {settings.mlflow_tracking_uri}"
 
 

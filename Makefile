@@ -9,7 +9,7 @@ MONTH ?= 2021-02
 TAXI ?= green
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: help venv kernel course test test-unit test-notebooks services-up services-down services-status \
+.PHONY: help venv kernel course test test-fast test-unit test-notebooks services-up services-down services-status \
         data train build serve predict stream-run invoke-server score backfill deploy \
         bench-web bench-stream bench-batch clean
 
@@ -36,11 +36,13 @@ course: venv services-up data train ## the whole course, end to end
 
 test: venv ## unit + integration tests and nbval over every notebook
 	$(PY) scripts/run_tests.py
+test-fast: venv ## the tests that start no server (about 10 s)
+	$(PY) -m pytest tests -m "not integration" -q
 
 # --- local stack ---------------------------------------------------------------
-services-up: venv ## start S3+Kinesis (4566), MLflow (5000), Prefect (4200)
+services-up: venv ## start S3 (SeaweedFS, 4572), Kinesis (moto, 4566), MLflow (5000), Prefect (4200)
 	$(PY) -m ride_duration.stack up
-services-down: venv ## stop them (S3 is saved to .local/s3 first)
+services-down: venv ## stop them (S3 objects stay on disk in .local/seaweedfs)
 	$(PY) -m ride_duration.stack down
 services-status: venv
 	$(PY) -m ride_duration.stack status

@@ -35,6 +35,17 @@ def real_data_dir() -> Path | None:
     return None
 
 
+@pytest.fixture(scope="session")
+def real_pipeline(real_data_dir):
+    """The course's model trained on the real January, Feb kept for checks (~75 s on 2 cores)."""
+    if real_data_dir is None:
+        pytest.skip("TLC_MIRROR is not set: no real data")
+    from ride_duration.train import train
+
+    jan, feb = (real_data_dir / f"green_tripdata_2021-0{m}.parquet" for m in (1, 2))
+    return {"pipeline": train(jan, feb).pipeline, "feb": feb}
+
+
 def _start_stack(tmp_path_factory, services) -> LocalStack:
     # SeaweedFS's internal block of ports is chosen free by LocalStack itself.
     ports = {name: free_port() for name in ("s3", "kinesis", "mlflow", "prefect")}
@@ -69,3 +80,19 @@ def trained_model(stack, synthetic_months):
     result = train(synthetic_months[(2021, 1)], synthetic_months[(2021, 2)])
     logged = log_to_mlflow(result, promote=True)
     return {"result": result, "logged": logged, "pipeline": result.pipeline}
+
+
+# Tests that start a server or a subprocess, or build and install packages; the rest
+# form `make test-fast`. A test that needs the session's stack is marked by its fixtures.
+# real_pipeline: trains on the real January (~75 s), too slow for the fast tier.
+_SERVER_FIXTURES = {"stack", "http_folder", "real_pipeline"}
+_SERVER_MODULES = {
+    "test_dockerfile.py", "test_gunicorn.py", "test_packaging.py", "test_invoke.py", "test_scripts.py",
+    "test_report.py", "test_flows.py", "test_stack_and_registry.py", "test_train.py", "test_model_behaviour.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in _SERVER_MODULES:
+            item.add_marker(pytest.mark.integration)

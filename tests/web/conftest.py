@@ -19,17 +19,6 @@ def served(stack, trained_model):
         yield server
 
 
-@pytest.fixture(scope="session")
-def real_pipeline(real_data_dir):
-    """The course's model trained on the real January, Feb kept for checks (~20 s)."""
-    if real_data_dir is None:
-        pytest.skip("TLC_MIRROR is not set: no real data")
-    from ride_duration.train import train
-
-    jan, feb = (real_data_dir / f"green_tripdata_2021-0{m}.parquet" for m in (1, 2))
-    return {"pipeline": train(jan, feb).pipeline, "feb": feb}
-
-
 @contextmanager
 def _environment(values: dict):
     saved = dict(os.environ)

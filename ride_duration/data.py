@@ -417,5 +417,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def describe_training_data(training_data: dict | None) -> str:
+    """One line per file, for people: name, real/synthetic, rows, sha256 prefix, source."""
+    if not training_data:
+        return "training data: not recorded (the model was logged before provenance was recorded)"
+    lines = []
+    for part, label in (("train", "trained on"), ("valid", "validated on")):
+        f = training_data[part]
+        kind = "SYNTHETIC" if f["synthetic"] else "real"
+        lines.append(f"{label:12s} {f['file']} ({kind}, {f['rows']:,} rows, sha256 {f['sha256'][:12]}, "
+                     f"from {f['source']})")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -28,6 +28,7 @@ from sklearn.metrics import root_mean_squared_error
 from sklearn.pipeline import Pipeline, make_pipeline
 
 from .config import Settings, get_settings
+from .data import describe_training_data
 from .predict import TRUSTED_TYPES, TrackingServerDown, check_tracking_server
 from .utils import TARGET, load_training_dataframe, prepare_features
 
@@ -114,19 +115,6 @@ def provenance_tags(training_data: dict | None) -> dict:
         "data.train_file": training_data["train"]["file"],
         "data.valid_file": training_data["valid"]["file"],
     }
-
-
-def describe_training_data(training_data: dict | None) -> str:
-    """One line per file, for people: name, real/synthetic, rows, sha256 prefix, source."""
-    if not training_data:
-        return "training data: not recorded (the model was logged before provenance was recorded)"
-    lines = []
-    for part, label in (("train", "trained on"), ("valid", "validated on")):
-        f = training_data[part]
-        kind = "SYNTHETIC" if f["synthetic"] else "real"
-        lines.append(f"{label:12s} {f['file']} ({kind}, {f['rows']:,} rows, sha256 {f['sha256'][:12]}, "
-                     f"from {f['source']})")
-    return "\n".join(lines)
 
 
 @dataclass

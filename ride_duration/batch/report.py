@@ -129,7 +129,7 @@ def training_warning(data: dict | None) -> str | None:
 
 def show_training_data(data: dict | None) -> None:
     """Print the provenance; a synthetic or unknown one also as a banner in the report."""
-    from ..train import describe_training_data
+    from ..data import describe_training_data
 
     print(describe_training_data(data))
     warning = training_warning(data)

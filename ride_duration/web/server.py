@@ -7,6 +7,7 @@ package serves HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -104,10 +105,15 @@ class GunicornServer:
     def stop(self, timeout: float = 15) -> None:
         """Stop gunicorn (master and workers); drop the log we made for it."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + timeout
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                # Again every second: a worker still booting has the master's signal
+                # handlers and drops a TERM; the master would then wait graceful_timeout.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(min(1.0, max(deadline - time.monotonic(), 0.01)))
+            if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         if self._own_log:

@@ -21,8 +21,10 @@ replaces it in its own process with the service's `{"error": ...}` shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import time
 import warnings
 
@@ -102,12 +104,45 @@ class _Deadlines:
         return self.app(environ, start)
 
 
+def _end_reading(client) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        client.shutdown(socket.SHUT_RD)
+
+
 class ServiceWorker(GeventWorker):
     """gunicorn's gevent worker with deadlines and JSON errors (see the module doc)."""
 
     def init_process(self):
         util.write_error = write_json_error  # this worker process only
+        self._clients = {}  # greenlet -> its client socket
+        self._idle = set()  # client sockets waiting for their next request
         super().init_process()
+
+    def handle(self, listener, client, addr):
+        self._clients[gevent.getcurrent()] = client
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self._clients.pop(gevent.getcurrent(), None)
+
+    @contextlib.contextmanager
+    def timeout_ctx(self):
+        """gunicorn's wait for a request line and headers (keepalive seconds), which a
+        shutdown ends at once: a stop must not wait for idle keep-alive clients."""
+        client = self._clients.get(gevent.getcurrent())
+        self._idle.add(client)
+        try:
+            if not self.alive:
+                _end_reading(client)
+            with gevent.Timeout(self.cfg.keepalive, False):
+                yield
+        finally:
+            self._idle.discard(client)
+
+    def handle_exit(self, sig, frame):
+        super().handle_exit(sig, frame)
+        for client in list(self._idle):  # blocked in their header read: they see EOF and close
+            _end_reading(client)
 
     def patch(self):
         # gevent warns that urllib3 imported ssl before the patch: with preload_app

@@ -189,7 +189,7 @@ def create_app(model=None, model_version: str | None = None, *, runtime: str = "
     else:
         raise ValueError(f"runtime must be 'fast' or 'sklearn', got {runtime!r}")
     version = str(model_version or "unknown")
-    # What the model was trained on ({"synthetic": ..., "files": [...]}), set by load_model; None if unknown.
+    # What the model was trained on (files, sha256, synthetic or real), set by load_model; None if unknown.
     training_data = getattr(model, "training_data", None)
     app = _new_app(APP_NAME)
     app.config.update(MODEL_VERSION=version, RUNTIME=type(predictor).__name__)

@@ -30,13 +30,12 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from .config import Settings, get_settings
 from .data import describe_training_data
 from .predict import TRUSTED_TYPES, TrackingServerDown, check_tracking_server
-from .utils import TARGET, load_training_dataframe, prepare_features
+from .utils import EXAMPLE_RIDE, TARGET, load_training_dataframe, prepare_features
 
 log = logging.getLogger(__name__)
 
 # The course's reference forest. Not tuned on purpose: its numbers are the course's.
 PARAMS = {"n_estimators": 100, "max_depth": 20, "random_state": 42}
-EXAMPLE_RIDE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 
 
 def _model_requirements() -> list[str]:

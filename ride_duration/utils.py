@@ -55,6 +55,8 @@ LOCATION_MIN, LOCATION_MAX = 1, 265
 # float32's 3.4e38, where the forest's input check would raise.
 MAX_TRIP_DISTANCE = 500.0
 _SHOWN_CHARS = 40
+# The course's example ride (its predict-test.py): 18.24 minutes with the course's model.
+EXAMPLE_RIDE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 
 
 class InvalidRide(ValueError):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..stack import free_port
-from ..train import EXAMPLE_RIDE
+from ..utils import EXAMPLE_RIDE
 from .server import GunicornServer
 
 

@@ -9,7 +9,7 @@ MONTH ?= 2021-02
 TAXI ?= green
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: help venv kernel course test test-fast test-unit test-notebooks services-up services-down services-status \
+.PHONY: help venv kernel course lint test test-fast test-unit test-notebooks services-up services-down services-status \
         data train build serve predict stream-run invoke-server score backfill deploy \
         bench-web bench-stream bench-batch clean
 
@@ -34,8 +34,11 @@ course: venv services-up data train ## the whole course, end to end
 	$(PY) scripts/score_report.py --taxi-type green --month 2021-02
 	$(PY) scripts/score_backfill.py --taxi-type green --start 2021-01 --end 2021-02
 
-test: venv ## unit + integration tests and nbval over every notebook
+test: venv lint ## lint, unit + integration tests and nbval over every notebook
 	$(PY) scripts/run_tests.py
+lint: venv ## ruff check and ruff format --check (configured in pyproject.toml)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 test-fast: venv ## the tests that start no server (about 10 s)
 	$(PY) -m pytest tests -m "not integration" -q
 

@@ -46,10 +46,26 @@ KNOWN_SHA256 = {
 }
 
 GREEN_COLUMNS = [
-    "VendorID", "lpep_pickup_datetime", "lpep_dropoff_datetime", "store_and_fwd_flag",
-    "RatecodeID", "PULocationID", "DOLocationID", "passenger_count", "trip_distance",
-    "fare_amount", "extra", "mta_tax", "tip_amount", "tolls_amount", "ehail_fee",
-    "improvement_surcharge", "total_amount", "payment_type", "trip_type", "congestion_surcharge",
+    "VendorID",
+    "lpep_pickup_datetime",
+    "lpep_dropoff_datetime",
+    "store_and_fwd_flag",
+    "RatecodeID",
+    "PULocationID",
+    "DOLocationID",
+    "passenger_count",
+    "trip_distance",
+    "fare_amount",
+    "extra",
+    "mta_tax",
+    "tip_amount",
+    "tolls_amount",
+    "ehail_fee",
+    "improvement_surcharge",
+    "total_amount",
+    "payment_type",
+    "trip_type",
+    "congestion_surcharge",
 ]
 
 TAXI_TYPES = ("green", "yellow", "fhv", "fhvhv")
@@ -162,7 +178,9 @@ class MonthFile:
 SYNTHETIC_SOURCE = "synthetic fallback"
 
 
-def _fetch(name: str, official: str, settings: Settings, progress: bool, timeout: float) -> tuple[MonthFile | None, list[str]]:
+def _fetch(
+    name: str, official: str, settings: Settings, progress: bool, timeout: float
+) -> tuple[MonthFile | None, list[str]]:
     target = settings.data_dir / name
     if target.is_file():
         try:
@@ -207,7 +225,8 @@ def locate_month(
     allow = settings.synthetic_fallback if allow_synthetic is None else allow_synthetic
     if not allow or taxi_type != "green":
         raise DataUnavailable(
-            f"{name} could not be had; tried: " + "; ".join(tried)
+            f"{name} could not be had; tried: "
+            + "; ".join(tried)
             + ". Set TLC_MIRROR to a folder or URL prefix holding the file.",
             tried,
         )
@@ -235,8 +254,9 @@ def fetch_month(
     timeout: float = 30.0,
 ) -> Path:
     """Local path of a verified monthly file; downloads or synthesises it if needed."""
-    return locate_month(taxi_type, year, month, settings=settings, allow_synthetic=allow_synthetic,
-                        progress=progress, timeout=timeout).path
+    return locate_month(
+        taxi_type, year, month, settings=settings, allow_synthetic=allow_synthetic, progress=progress, timeout=timeout
+    ).path
 
 
 def fetch_zones(settings: Settings | None = None, progress: bool = False, timeout: float = 30.0) -> Path:
@@ -311,8 +331,13 @@ def write_synthetic_month(path: Path, year: int, month: int, n_rows: int = 60_00
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     table = pa.Table.from_pandas(synthetic_month(year, month, n_rows=n_rows, seed=seed), preserve_index=False)
-    marker = {"generator": "ride_duration.data.synthetic_month", "year": int(year), "month": int(month),
-              "n_rows": int(n_rows), "seed": int(seed)}
+    marker = {
+        "generator": "ride_duration.data.synthetic_month",
+        "year": int(year),
+        "month": int(month),
+        "n_rows": int(n_rows),
+        "seed": int(seed),
+    }
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), SYNTHETIC_MARKER: json.dumps(marker)})
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -425,8 +450,9 @@ def describe_training_data(training_data: dict | None) -> str:
     for part, label in (("train", "trained on"), ("valid", "validated on")):
         f = training_data[part]
         kind = "SYNTHETIC" if f["synthetic"] else "real"
-        lines.append(f"{label:12s} {f['file']} ({kind}, {f['rows']:,} rows, sha256 {f['sha256'][:12]}, "
-                     f"from {f['source']})")
+        lines.append(
+            f"{label:12s} {f['file']} ({kind}, {f['rows']:,} rows, sha256 {f['sha256'][:12]}, from {f['source']})"
+        )
     return "\n".join(lines)
 
 

@@ -163,13 +163,17 @@ def _pin_registered(uri: str, settings: Settings) -> ModelRef:
         elif "/" in path:
             name, version = path.split("/", 1)
             if not version.isdigit():
-                raise ModelNotFound(f"model {uri}: name a version (models:/{name}/3) or an alias (models:/{name}@production)")
+                raise ModelNotFound(
+                    f"model {uri}: name a version (models:/{name}/3) or an alias (models:/{name}@production)"
+                )
             mv = client.get_model_version(name, version)
         else:
             model = client.get_logged_model(path)  # models:/m-<id>: a logged model, already pinned
             return ModelRef(uri=uri, run_id=model.source_run_id or model.model_id)
     except MlflowException as exc:
-        raise ModelNotFound(f"no model {uri} on the tracking server {settings.mlflow_tracking_uri}: {exc.message}") from exc
+        raise ModelNotFound(
+            f"no model {uri} on the tracking server {settings.mlflow_tracking_uri}: {exc.message}"
+        ) from exc
     return ModelRef(uri=f"models:/{mv.name}/{mv.version}", run_id=mv.run_id or mv.model_id)
 
 
@@ -191,9 +195,14 @@ def production_model_s3(settings: Settings | None = None) -> dict:
         model_id = mv.model_id or mv.source.removeprefix("models:/")
         experiment_id = mlflow.get_logged_model(model_id).experiment_id
     except MlflowException as exc:
-        raise ModelNotFound(f"no model {settings.registry_uri} on {settings.mlflow_tracking_uri}: {exc.message}") from exc
-    return {"MODEL_ID": model_id, "EXPERIMENT_ID": experiment_id,
-            "uri": s3_model_uri(settings.mlflow_bucket, experiment_id, model_id)}
+        raise ModelNotFound(
+            f"no model {settings.registry_uri} on {settings.mlflow_tracking_uri}: {exc.message}"
+        ) from exc
+    return {
+        "MODEL_ID": model_id,
+        "EXPERIMENT_ID": experiment_id,
+        "uri": s3_model_uri(settings.mlflow_bucket, experiment_id, model_id),
+    }
 
 
 # ----------------------------------------------------------------------------- fetching the files
@@ -221,8 +230,9 @@ def _artifact_location(uri: str) -> str | None:
         if uri.startswith("runs:/"):
             run_id, _, name = uri.removeprefix("runs:/").partition("/")
             experiment_id = mlflow.get_run(run_id).info.experiment_id
-            for model in mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
-                                                     filter_string=f"name = '{name or 'model'}'"):
+            for model in mlflow.search_logged_models(
+                experiment_ids=[experiment_id], output_format="list", filter_string=f"name = '{name or 'model'}'"
+            ):
                 if model.source_run_id == run_id:
                     return model.artifact_location
     except Exception:  # only used to word an error: never hide the original one
@@ -327,8 +337,11 @@ def load_model_folder(path: Path):
             "this course only loads skops models (see notebook 02)"
         )
     model = skops.io.load(path / flavor["pickled_model"], trusted=TRUSTED_TYPES)
-    return model, {"run_id": meta.get("run_id"), "model_id": meta.get("model_id"),
-                   "metadata": meta.get("metadata") or {}}
+    return model, {
+        "run_id": meta.get("run_id"),
+        "model_id": meta.get("model_id"),
+        "metadata": meta.get("metadata") or {},
+    }
 
 
 def load_model(model_uri: str | None = None, *, settings: Settings | None = None):

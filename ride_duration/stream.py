@@ -208,8 +208,16 @@ class KinesisWriter:
     (at-least-once, never silently lost).
     """
 
-    def __init__(self, stream_name: str, client=None, *, max_attempts: int = 5,
-                 base_delay: float = 0.1, max_delay: float = 2.0, sleep=time.sleep):
+    def __init__(
+        self,
+        stream_name: str,
+        client=None,
+        *,
+        max_attempts: int = 5,
+        base_delay: float = 0.1,
+        max_delay: float = 2.0,
+        sleep=time.sleep,
+    ):
         if client is None:
             from .aws import kinesis_client
 
@@ -224,8 +232,7 @@ class KinesisWriter:
 
     def __call__(self, events: list[dict]) -> None:
         entries = [
-            {"Data": json.dumps(e).encode("utf-8"), "PartitionKey": str(e["prediction"]["ride_id"])}
-            for e in events
+            {"Data": json.dumps(e).encode("utf-8"), "PartitionKey": str(e["prediction"]["ride_id"])} for e in events
         ]
         for start in range(0, len(entries), PUT_RECORDS_LIMIT):
             try:
@@ -244,8 +251,15 @@ class KinesisWriter:
             results = response["Records"]  # same order as the request
             failed = [item for item, result in zip(pending, results) if result.get("ErrorCode")]
             errors = Counter(result["ErrorCode"] for result in results if result.get("ErrorCode"))
-            log.warning("put_records to %s: %d of %d entries failed (%s), attempt %d of %d",
-                        self.stream_name, len(failed), len(pending), dict(errors), attempt, self.max_attempts)
+            log.warning(
+                "put_records to %s: %d of %d entries failed (%s), attempt %d of %d",
+                self.stream_name,
+                len(failed),
+                len(pending),
+                dict(errors),
+                attempt,
+                self.max_attempts,
+            )
             pending = failed
             if attempt < self.max_attempts:
                 # Full jitter, so many throttled writers do not retry in lockstep.
@@ -291,8 +305,12 @@ class S3DeadLetters:
             "kinesis": record["kinesis"],
         }
         key = self.key(record)
-        self.client.put_object(Bucket=self.bucket, Key=key, ContentType="application/json",
-                               Body=json.dumps(body, indent=1, default=str).encode("utf-8"))
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            ContentType="application/json",
+            Body=json.dumps(body, indent=1, default=str).encode("utf-8"),
+        )
         return f"s3://{self.bucket}/{key}"
 
 
@@ -388,8 +406,12 @@ class ModelService:
         try:
             durations = self.predict([item.features for item in items])
         except Exception as exc:  # noqa: BLE001  a ride's or the model's fault: told apart below
-            log.warning("the model failed on a batch of %d ride(s) (%s: %s); predicting them one at a time",
-                        len(items), type(exc).__name__, _short(exc))
+            log.warning(
+                "the model failed on a batch of %d ride(s) (%s: %s); predicting them one at a time",
+                len(items),
+                type(exc).__name__,
+                _short(exc),
+            )
             self.predict([KNOWN_GOOD_FEATURES])
             durations = [self._predict_one(item) for item in items]
         for item, duration in zip(items, map(float, durations)):
@@ -417,12 +439,22 @@ class ModelService:
                 try:
                     item.dead_letter = self.dead_letters(item.record, item.reason)
                 except Exception as exc:  # noqa: BLE001  transient: the record is retried, not lost
-                    log.warning("record %d (sequenceNumber %s): its dead letter could not be written (%s: %s); "
-                                "the batch is retried from it", position, item.seq, type(exc).__name__, _short(exc))
+                    log.warning(
+                        "record %d (sequenceNumber %s): its dead letter could not be written (%s: %s); "
+                        "the batch is retried from it",
+                        position,
+                        item.seq,
+                        type(exc).__name__,
+                        _short(exc),
+                    )
                     return position
-            log.warning("record %d (sequenceNumber %s) dead-lettered%s: %s", position, item.seq,
-                        f" to {item.dead_letter}" if item.dead_letter else " (no dead-letter location: logged only)",
-                        item.reason)
+            log.warning(
+                "record %d (sequenceNumber %s) dead-lettered%s: %s",
+                position,
+                item.seq,
+                f" to {item.dead_letter}" if item.dead_letter else " (no dead-letter location: logged only)",
+                item.reason,
+            )
         return len(items)
 
     def _write(self, items: list[_Item]) -> int:
@@ -480,8 +512,12 @@ def build_service(settings: Settings | None = None, model_uri: str | None = None
     model, version = load_model(model_uri, settings=settings)
     if settings.test_run:  # no side effects: predictions returned, dead letters only logged
         return ModelService(model, version)
-    return ModelService(model, version, [KinesisWriter(settings.predictions_stream)],
-                        dead_letters=S3DeadLetters(settings.dead_letter_prefix))
+    return ModelService(
+        model,
+        version,
+        [KinesisWriter(settings.predictions_stream)],
+        dead_letters=S3DeadLetters(settings.dead_letter_prefix),
+    )
 
 
 def get_service() -> ModelService:
@@ -526,16 +562,21 @@ def lambda_record(record: dict, shard_id: str, stream_arn: str, region: str) -> 
     }
 
 
-def kinesis_event(payloads: list, stream_name: str = "ride_events", region: str = "eu-west-1",
-                  first_sequence: int = 1) -> dict:
+def kinesis_event(
+    payloads: list, stream_name: str = "ride_events", region: str = "eu-west-1", first_sequence: int = 1
+) -> dict:
     """A Lambda Kinesis event by hand: one record per payload (dict -> JSON, bytes as is),
     sequence numbers first_sequence, first_sequence + 1, ... on shardId-000000000000."""
     arn = f"arn:aws:kinesis:{region}:{LOCAL_ACCOUNT}:stream/{stream_name}"
     records = []
     for i, payload in enumerate(payloads):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
-        raw = {"SequenceNumber": str(first_sequence + i), "PartitionKey": str(i), "Data": data,
-               "ApproximateArrivalTimestamp": 1654161514.132}
+        raw = {
+            "SequenceNumber": str(first_sequence + i),
+            "PartitionKey": str(i),
+            "Data": data,
+            "ApproximateArrivalTimestamp": 1654161514.132,
+        }
         records.append(lambda_record(raw, "shardId-000000000000", arn, region))
     return {"Records": records}
 
@@ -569,8 +610,10 @@ class Checkpoint:
                 if self.stream is not None and not isinstance(self.stream, dict):
                     raise TypeError("'stream' must be an object")
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ValueError(f"checkpoint file {self.path} is unreadable ({exc}); "
-                                 "delete it (or pass --reset) to start at TRIM_HORIZON") from None
+                raise ValueError(
+                    f"checkpoint file {self.path} is unreadable ({exc}); "
+                    "delete it (or pass --reset) to start at TRIM_HORIZON"
+                ) from None
 
     def get(self, shard_id: str) -> str | None:
         return self.positions.get(shard_id)
@@ -582,10 +625,15 @@ class Checkpoint:
             return False
         stale = self.stream is not None and bool(self.positions)
         if stale:
-            log.warning("checkpoint %s holds positions of stream %s created %s, but the stream now was created %s "
-                        "(deleted and created again, e.g. the local Kinesis restarted): they are forgotten and "
-                        "every shard is read from TRIM_HORIZON", self.path, self.stream.get("arn"),
-                        self.stream.get("created"), stream["created"])
+            log.warning(
+                "checkpoint %s holds positions of stream %s created %s, but the stream now was created %s "
+                "(deleted and created again, e.g. the local Kinesis restarted): they are forgotten and "
+                "every shard is read from TRIM_HORIZON",
+                self.path,
+                self.stream.get("arn"),
+                self.stream.get("created"),
+                stream["created"],
+            )
             self.positions = {}
         self.stream = stream
         if self.path.is_file():
@@ -663,9 +711,22 @@ class EventSourceRunner:
     sequence number of it), is read from TRIM_HORIZON with a warning.
     """
 
-    def __init__(self, handler, stream_name: str, *, client=None, s3=None, checkpoint: Checkpoint | None = None,
-                 failure_bucket: str | None = None, batch_size: int = MAX_BATCH_SIZE, max_retries: int = 2,
-                 poll_interval: float = 1.0, pause: float = 0.0, settings: Settings | None = None, sleep=time.sleep):
+    def __init__(
+        self,
+        handler,
+        stream_name: str,
+        *,
+        client=None,
+        s3=None,
+        checkpoint: Checkpoint | None = None,
+        failure_bucket: str | None = None,
+        batch_size: int = MAX_BATCH_SIZE,
+        max_retries: int = 2,
+        poll_interval: float = 1.0,
+        pause: float = 0.0,
+        settings: Settings | None = None,
+        sleep=time.sleep,
+    ):
         from .aws import kinesis_client, s3_client
 
         settings = settings or get_settings()
@@ -702,8 +763,13 @@ class EventSourceRunner:
             if problem is None:
                 kwargs = {"ShardIteratorType": "AFTER_SEQUENCE_NUMBER", "StartingSequenceNumber": seq}
             else:
-                log.warning("checkpoint %s: %s of stream %s: %s; reading the shard from TRIM_HORIZON",
-                            self.checkpoint.path, shard_id, self.stream_name, problem)
+                log.warning(
+                    "checkpoint %s: %s of stream %s: %s; reading the shard from TRIM_HORIZON",
+                    self.checkpoint.path,
+                    shard_id,
+                    self.stream_name,
+                    problem,
+                )
         return self.client.get_shard_iterator(StreamName=self.stream_name, ShardId=shard_id, **kwargs)["ShardIterator"]
 
     def _checkpoint_problem(self, shard_id: str, seq: str) -> str | None:
@@ -713,9 +779,12 @@ class EventSourceRunner:
         from botocore.exceptions import ClientError
 
         try:
-            iterator = self.client.get_shard_iterator(StreamName=self.stream_name, ShardId=shard_id,
-                                                      ShardIteratorType="AT_SEQUENCE_NUMBER",
-                                                      StartingSequenceNumber=seq)["ShardIterator"]
+            iterator = self.client.get_shard_iterator(
+                StreamName=self.stream_name,
+                ShardId=shard_id,
+                ShardIteratorType="AT_SEQUENCE_NUMBER",
+                StartingSequenceNumber=seq,
+            )["ShardIterator"]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "InvalidArgumentException":
                 raise
@@ -758,8 +827,10 @@ class EventSourceRunner:
             seq = item.get("itemIdentifier") if isinstance(item, dict) else None
             if not isinstance(seq, str) or seq not in positions:
                 # AWS: an empty, null, misspelt or unknown identifier fails the whole batch.
-                log.warning("handler reported itemIdentifier %r, not a record of the batch: the whole batch failed",
-                            show_value(seq))
+                log.warning(
+                    "handler reported itemIdentifier %r, not a record of the batch: the whole batch failed",
+                    show_value(seq),
+                )
                 return 0
             failed.append(positions[seq])
         # This project's handler lists only final dead letters: none past its first failed record.
@@ -778,8 +849,14 @@ class EventSourceRunner:
                 self.checkpoint.save(shard_id, batch[failed_from - 1]["kinesis"]["sequenceNumber"])
             batch = batch[failed_from:]  # as AWS: from the lowest failed record on, later successes included
             if attempt < self.max_retries:
-                log.info("retrying %d record(s) of shard %s from sequence number %s (retry %d of %d)",
-                         len(batch), shard_id, batch[0]["kinesis"]["sequenceNumber"], attempt + 1, self.max_retries)
+                log.info(
+                    "retrying %d record(s) of shard %s from sequence number %s (retry %d of %d)",
+                    len(batch),
+                    shard_id,
+                    batch[0]["kinesis"]["sequenceNumber"],
+                    attempt + 1,
+                    self.max_retries,
+                )
         self._send_to_failure_destination(shard_id, batch)
         self.checkpoint.save(shard_id, batch[-1]["kinesis"]["sequenceNumber"])
 
@@ -802,11 +879,20 @@ class EventSourceRunner:
             # AWS sends only the metadata above; the records themselves make the local file useful.
             "records": [r["kinesis"] for r in failed],
         }
-        self.s3.put_object(Bucket=self.failure_bucket, Key=key, Body=json.dumps(body, indent=1).encode("utf-8"),
-                           ContentType="application/json")
+        self.s3.put_object(
+            Bucket=self.failure_bucket,
+            Key=key,
+            Body=json.dumps(body, indent=1).encode("utf-8"),
+            ContentType="application/json",
+        )
         uri = f"s3://{self.failure_bucket}/{key}"
-        log.warning("%d record(s) of shard %s still failed after %d retries: sent to %s",
-                    len(failed), shard_id, self.max_retries, uri)
+        log.warning(
+            "%d record(s) of shard %s still failed after %d retries: sent to %s",
+            len(failed),
+            shard_id,
+            self.max_retries,
+            uri,
+        )
         self.stats.failed_records += len(failed)
         self.stats.failure_objects.append(uri)
 
@@ -857,8 +943,14 @@ def put_ride(client, stream_name: str, ride: dict, ride_id) -> str:
     return response["SequenceNumber"]
 
 
-def read_stream(client, stream_name: str, position: str = "TRIM_HORIZON", after: dict | None = None,
-                wait: float = 0.0, limit: int = 1000) -> list[dict]:
+def read_stream(
+    client,
+    stream_name: str,
+    position: str = "TRIM_HORIZON",
+    after: dict | None = None,
+    wait: float = 0.0,
+    limit: int = 1000,
+) -> list[dict]:
     """The records on a stream, decoded from JSON (undecodable ones as {'raw': ...}).
 
     `position`: TRIM_HORIZON (every retained record) or LATEST (only records that
@@ -895,8 +987,9 @@ def stream_positions(client, stream_name: str) -> dict:
     positions = {}
     for shard in client.list_shards(StreamName=stream_name)["Shards"]:
         positions[shard["ShardId"]] = None
-        iterator = client.get_shard_iterator(StreamName=stream_name, ShardId=shard["ShardId"],
-                                             ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        iterator = client.get_shard_iterator(
+            StreamName=stream_name, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+        )["ShardIterator"]
         while iterator:
             response = client.get_records(ShardIterator=iterator, Limit=10000)
             if response["Records"]:
@@ -918,9 +1011,11 @@ class _CountingClient:
     def __getattr__(self, name):
         attr = getattr(self._client, name)
         if name in ("put_record", "put_records"):
+
             def counted(*args, **kwargs):
                 self.writes += 1
                 return attr(*args, **kwargs)
+
             return counted
         return attr
 
@@ -931,8 +1026,14 @@ def synthetic_event(n: int = MAX_BATCH_SIZE, seed: int = 42) -> dict:
 
     rides = synthetic_month(2021, 2, n_rows=n, seed=seed)
     payloads = [
-        {"ride": {"PULocationID": int(r.PULocationID), "DOLocationID": int(r.DOLocationID),
-                  "trip_distance": float(r.trip_distance)}, "ride_id": i}
+        {
+            "ride": {
+                "PULocationID": int(r.PULocationID),
+                "DOLocationID": int(r.DOLocationID),
+                "trip_distance": float(r.trip_distance),
+            },
+            "ride_id": i,
+        }
         for i, r in enumerate(rides.itertuples(index=False))
     ]
     return kinesis_event(payloads)
@@ -956,11 +1057,18 @@ def compare_designs(model, version, client, out_batch: str, out_loop: str, event
         loop = per_record_handler(event, model, version, counting, out_loop)
         times["per_record"].append(time.perf_counter() - start)
         writes["per_record"] = counting.writes
-    same = np.allclose([p["prediction"]["ride_duration"] for p in batch["predictions"]],
-                       [p["prediction"]["ride_duration"] for p in loop["predictions"]])
+    same = np.allclose(
+        [p["prediction"]["ride_duration"] for p in batch["predictions"]],
+        [p["prediction"]["ride_duration"] for p in loop["predictions"]],
+    )
     median = {name: statistics.median(values) for name, values in times.items()}
-    return {"records": len(event["Records"]), "seconds": median, "writes": writes, "same_predictions": bool(same),
-            "speedup": median["per_record"] / median["batch"]}
+    return {
+        "records": len(event["Records"]),
+        "seconds": median,
+        "writes": writes,
+        "same_predictions": bool(same),
+        "speedup": median["per_record"] / median["batch"],
+    }
 
 
 _COLD_START = """
@@ -979,8 +1087,14 @@ def measure_cold_start(model_uri: str) -> dict:
     import subprocess
 
     env = {**os.environ, "TEST_RUN": "True"}
-    out = subprocess.run([sys.executable, "-c", _COLD_START.format(uri=model_uri)], env=env,
-                         capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _COLD_START.format(uri=model_uri)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -1055,15 +1169,18 @@ def start_invoke_server(port: int, *, test_run: bool = True, timeout: float = 12
 
 # ---------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ride_duration.stream",
-                                     description="Run the streaming Lambda locally.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ride_duration.stream", description="Run the streaming Lambda locally."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="the local Kinesis event-source runner")
     run.add_argument("--stream", help="input stream (default INPUT_STREAM_NAME or ride_events)")
     run.add_argument("--once", action="store_true", help="stop when every shard is drained")
     run.add_argument("--max-batches", type=int, help="stop after N batches")
     run.add_argument("--batch-size", type=int, default=MAX_BATCH_SIZE)
-    run.add_argument("--max-retries", type=int, default=2, help="retries of failed records before the failure destination")
+    run.add_argument(
+        "--max-retries", type=int, default=2, help="retries of failed records before the failure destination"
+    )
     run.add_argument("--checkpoint", type=Path, help="checkpoint file (default .local/stream/checkpoint-<stream>.json)")
     run.add_argument("--reset", action="store_true", help="forget the checkpoint: start at TRIM_HORIZON")
     run.add_argument("--pause", type=float, default=0.0, help="seconds to wait between batches (throttle)")
@@ -1095,14 +1212,24 @@ def main(argv=None) -> int:
         if args.reset:
             checkpoint_path.unlink(missing_ok=True)
         checkpoint = Checkpoint(checkpoint_path)
-        runner = EventSourceRunner(lambda_handler, stream, checkpoint=checkpoint, batch_size=args.batch_size,
-                                   max_retries=args.max_retries, poll_interval=args.poll_interval,
-                                   pause=args.pause, settings=settings)
+        runner = EventSourceRunner(
+            lambda_handler,
+            stream,
+            checkpoint=checkpoint,
+            batch_size=args.batch_size,
+            max_retries=args.max_retries,
+            poll_interval=args.poll_interval,
+            pause=args.pause,
+            settings=settings,
+        )
         get_service()  # load the model before polling, so a missing model fails fast
         stats = runner.run(once=args.once, max_batches=args.max_batches)
-        print(f"processed {stats.records} record(s) in {stats.batches} batch(es); "
-              f"{stats.dead_letters} dead-lettered by the function; "
-              f"{stats.failed_records} sent to the failure destination", flush=True)
+        print(
+            f"processed {stats.records} record(s) in {stats.batches} batch(es); "
+            f"{stats.dead_letters} dead-lettered by the function; "
+            f"{stats.failed_records} sent to the failure destination",
+            flush=True,
+        )
         return 0
     except (ModelNotFound, ValueError, BotoCoreError, ClientError) as exc:
         print(f"error: {exc}", file=sys.stderr)

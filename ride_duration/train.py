@@ -101,8 +101,11 @@ def train(train_path, valid_path, params: dict | None = None, *, synthetic: bool
 def provenance_params(training_data: dict) -> dict:
     """Run params naming the data: `train_file`, `train_sha256`, `train_size`, `train_rows`,
     `train_source`, the same for `valid_`."""
-    return {f"{part}_{key}": training_data[part][key]
-            for part in ("train", "valid") for key in ("file", "sha256", "size", "rows", "source")}
+    return {
+        f"{part}_{key}": training_data[part][key]
+        for part in ("train", "valid")
+        for key in ("file", "sha256", "size", "rows", "source")
+    }
 
 
 def provenance_tags(training_data: dict | None) -> dict:
@@ -173,8 +176,9 @@ def log_to_mlflow(
     if register:
         version = str(info.registered_model_version)
         # On the version too: the registry UI shows it next to the alias.
-        MlflowClient().set_model_version_tag(settings.model_name, version, "data.synthetic",
-                                             provenance_tags(training_data)["data.synthetic"])
+        MlflowClient().set_model_version_tag(
+            settings.model_name, version, "data.synthetic", provenance_tags(training_data)["data.synthetic"]
+        )
         if promote:
             MlflowClient().set_registered_model_alias(settings.model_name, settings.model_alias, version)
     # The artifact location of the logged model is the physical S3 folder.
@@ -214,7 +218,8 @@ def refuse_synthetic(training_data: dict) -> None:
         if f["synthetic"]:
             raise SyntheticDataRefused(
                 f"the {part} file {f['file']} ({f['source']}) is synthetic data: "
-                "pass --allow-synthetic to train on it, or give a real TLC month")
+                "pass --allow-synthetic to train on it, or give a real TLC month"
+            )
 
 
 def main(argv=None) -> int:
@@ -223,12 +228,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train the ride duration model and log it to MLflow.")
     parser.add_argument("--train-path", help="parquet path/URL (default: green 2021-01 from the data cache)")
     parser.add_argument("--valid-path", help="parquet path/URL (default: green 2021-02)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking server (default: MLFLOW_TRACKING_URI or http://127.0.0.1:5000)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking server (default: MLFLOW_TRACKING_URI or http://127.0.0.1:5000)"
+    )
     parser.add_argument("--no-register", action="store_true", help="log the run without registering the model")
     parser.add_argument("--promote", action="store_true", help="point the `production` alias at the new version")
-    parser.add_argument("--allow-synthetic", action="store_true",
-                        help="train on synthetic data when a month is missing (or given); refused otherwise. "
-                             "The run is tagged data.synthetic=true")
+    parser.add_argument(
+        "--allow-synthetic",
+        action="store_true",
+        help="train on synthetic data when a month is missing (or given); refused otherwise. "
+        "The run is tagged data.synthetic=true",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not args.tracking_uri:
@@ -250,8 +260,11 @@ def main(argv=None) -> int:
         print(f"trained on {result.n_train} rides in {result.seconds:.1f} s; rmse_valid = {result.rmse_valid:.3f} min")
         print(describe_training_data(result.training_data))
         if result.training_data["synthetic"]:
-            print("WARNING: this model was trained on SYNTHETIC data (--allow-synthetic); "
-                  "its figures do not match the course's", file=sys.stderr)
+            print(
+                "WARNING: this model was trained on SYNTHETIC data (--allow-synthetic); "
+                "its figures do not match the course's",
+                file=sys.stderr,
+            )
         logged = log_to_mlflow(result, settings=settings, register=not args.no_register, promote=args.promote)
     except (TrackingServerDown, SyntheticDataRefused, DataUnavailable, ChecksumMismatch, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

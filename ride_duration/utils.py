@@ -81,8 +81,9 @@ def _bad(index, field: str, problem: str) -> InvalidRide:
 def check_ride(ride: Mapping, index=0) -> tuple[int, int, float]:
     """One ride (a mapping) -> (PULocationID, DOLocationID, trip_distance), or InvalidRide."""
     if not isinstance(ride, Mapping):
-        raise InvalidRide(f"ride {index}: expected an object with {', '.join(FEATURE_FIELDS)}, "
-                          f"got {type(ride).__name__}")
+        raise InvalidRide(
+            f"ride {index}: expected an object with {', '.join(FEATURE_FIELDS)}, got {type(ride).__name__}"
+        )
     values = []
     for field in FEATURE_FIELDS:
         if field not in ride or ride[field] is None:
@@ -99,11 +100,11 @@ def check_ride(ride: Mapping, index=0) -> tuple[int, int, float]:
         if not isinstance(loc, (int, np.integer)) and float(loc) != int(loc):
             raise _bad(index, field, f"must be an integer, got {show_value(loc)}")
         if not LOCATION_MIN <= loc <= LOCATION_MAX:
-            raise _bad(index, field, f"must be a TLC zone id between {LOCATION_MIN} and {LOCATION_MAX}, "
-                                     f"got {show_value(loc)}")
+            raise _bad(
+                index, field, f"must be a TLC zone id between {LOCATION_MIN} and {LOCATION_MAX}, got {show_value(loc)}"
+            )
     if not 0 <= dist <= MAX_TRIP_DISTANCE:
-        raise _bad(index, "trip_distance",
-                   f"must be between 0 and {MAX_TRIP_DISTANCE:g} miles, got {show_value(dist)}")
+        raise _bad(index, "trip_distance", f"must be between 0 and {MAX_TRIP_DISTANCE:g} miles, got {show_value(dist)}")
     return int(pu), int(do), float(dist)
 
 
@@ -134,12 +135,18 @@ def ride_problems(frame: pd.DataFrame) -> pd.Series:
         with np.errstate(invalid="ignore"):
             flag(np.isinf(values), field, "must be finite")
             if field == "trip_distance":
-                flag((values < 0) | (values > MAX_TRIP_DISTANCE), field,
-                     f"must be between 0 and {MAX_TRIP_DISTANCE:g} miles")
+                flag(
+                    (values < 0) | (values > MAX_TRIP_DISTANCE),
+                    field,
+                    f"must be between 0 and {MAX_TRIP_DISTANCE:g} miles",
+                )
             else:
                 flag(values % 1 != 0, field, "must be an integer")
-                flag((values < LOCATION_MIN) | (values > LOCATION_MAX), field,
-                     f"must be a TLC zone id between {LOCATION_MIN} and {LOCATION_MAX}")
+                flag(
+                    (values < LOCATION_MIN) | (values > LOCATION_MAX),
+                    field,
+                    f"must be a TLC zone id between {LOCATION_MIN} and {LOCATION_MAX}",
+                )
     return problems
 
 

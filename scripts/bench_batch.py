@@ -73,7 +73,10 @@ def timed(fn, *args, **kwargs):
 
 def table(rows: list[tuple], headers: tuple) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"
+
+    def line(r) -> str:
+        return "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"
+
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
@@ -96,14 +99,22 @@ def bench_month(model, version, repeats: int) -> list[tuple]:
     # The 2022 code scores every ride of 1-60 minutes; the project rejects the few the contract refuses.
     assert rows == result.rows + result.rejected
     new_s, old_s = statistics.median(new), statistics.median(old)
-    print(f"\n1. green 2021-02, {result.rows:,} rides scored ({result.rejected} rejected), RMSE {result.rmse:.3f} "
-          f"(median of {repeats})")
-    rows_ = [("project (score_month)", f"{new_s:.2f} s", "1.00x"),
-             ("2022 course (score.py)", f"{old_s:.2f} s", f"{old_s / new_s:.2f}x slower")]
+    print(
+        f"\n1. green 2021-02, {result.rows:,} rides scored ({result.rejected} rejected), RMSE {result.rmse:.3f} "
+        f"(median of {repeats})"
+    )
+    rows_ = [
+        ("project (score_month)", f"{new_s:.2f} s", "1.00x"),
+        ("2022 course (score.py)", f"{old_s:.2f} s", f"{old_s / new_s:.2f}x slower"),
+    ]
     print(table(rows_, ("implementation", "read+predict+write", "ratio")))
-    return [("Feb 2021 one month, project", f"{new_s:.2f} s"), ("Feb 2021 one month, 2022 code", f"{old_s:.2f} s"),
-            ("speed-up vs 2022", f"{old_s / new_s:.2f}x"), ("RMSE Feb 2021 (rides scored)", f"{result.rmse:.3f}"),
-            ("rides rejected Feb 2021", f"{result.rejected}")]
+    return [
+        ("Feb 2021 one month, project", f"{new_s:.2f} s"),
+        ("Feb 2021 one month, 2022 code", f"{old_s:.2f} s"),
+        ("speed-up vs 2022", f"{old_s / new_s:.2f}x"),
+        ("RMSE Feb 2021 (rides scored)", f"{result.rmse:.3f}"),
+        ("rides rejected Feb 2021", f"{result.rejected}"),
+    ]
 
 
 # ----------------------------------------------------------------------------- 2. a big month
@@ -146,9 +157,12 @@ def bench_big(model_dir: Path, tmp: Path, n_rows: int, with_2022: bool) -> list[
     rows_.append(("project, batches of 250k", f"{out['rows']:,}", f"{out['seconds']:.1f} s", f"{rss:.2f} GB"))
     result = [("3M-row month, project", f"{out['seconds']:.1f} s, peak RSS {rss:.2f} GB")]
     if with_2022:
-        old, old_rss = run_child([str(model_dir), str(source), str(tmp / "big-2022.parquet"), "2022",
-                                  str(Path(__file__).parent)])
-        rows_.append(("2022 course (all in memory)", f"{old['rows']:,}", f"{old['seconds']:.1f} s", f"{old_rss:.2f} GB"))
+        old, old_rss = run_child(
+            [str(model_dir), str(source), str(tmp / "big-2022.parquet"), "2022", str(Path(__file__).parent)]
+        )
+        rows_.append(
+            ("2022 course (all in memory)", f"{old['rows']:,}", f"{old['seconds']:.1f} s", f"{old_rss:.2f} GB")
+        )
         result.append(("3M-row month, 2022 code", f"{old['seconds']:.1f} s, peak RSS {old_rss:.2f} GB"))
     print(table(rows_, ("implementation", "rides scored", "wall", "peak RSS (process)")))
     return result
@@ -181,12 +195,18 @@ def bench_backfill(model, version, tmp: Path, n_months: int, rows_per_month: int
         "seq1": ("direct, one month after the other (forest on 1 thread, as in 2022)", lambda: direct_sequential(1)),
         "seq": ("direct, one month after the other (forest on 2 threads)", direct_sequential),
         "par": ("direct, 2 months at a time (forest on 1 thread each)", direct_parallel),
-        "flow_seq1": ("Prefect backfill, sequential, forest on 1 thread (same months as parallel)",
-                      lambda: ride_duration_prediction_backfill(**flow_kwargs, parallel=False, n_jobs=1)),
-        "flow_seq": ("Prefect backfill, sequential, forest on 2 threads (its default)",
-                     lambda: ride_duration_prediction_backfill(**flow_kwargs, parallel=False)),
-        "flow_par": ("Prefect backfill, parallel (2 months at a time)",
-                     lambda: ride_duration_prediction_backfill(**flow_kwargs, parallel=True)),
+        "flow_seq1": (
+            "Prefect backfill, sequential, forest on 1 thread (same months as parallel)",
+            lambda: ride_duration_prediction_backfill(**flow_kwargs, parallel=False, n_jobs=1),
+        ),
+        "flow_seq": (
+            "Prefect backfill, sequential, forest on 2 threads (its default)",
+            lambda: ride_duration_prediction_backfill(**flow_kwargs, parallel=False),
+        ),
+        "flow_par": (
+            "Prefect backfill, parallel (2 months at a time)",
+            lambda: ride_duration_prediction_backfill(**flow_kwargs, parallel=True),
+        ),
     }
     samples, retries = {key: [] for key in modes}, dict.fromkeys(modes, 0)
     for _ in range(repeats):  # interleaved, as in section 1
@@ -195,29 +215,50 @@ def bench_backfill(model, version, tmp: Path, n_months: int, rows_per_month: int
                 samples[key].append(timed(fn)[0])
             retries[key] += counted[0]
     t = {key: statistics.median(values) for key, values in samples.items()}
-    print(f"\n3. backfill of {n_months} synthetic months x {rows_per_month:,} rows "
-          f"(model loaded before; median of {repeats})")
-    print(table([(label, f"{t[key]:.2f} s", retries[key] if key.startswith("flow") else "")
-                 for key, (label, _) in modes.items()], ("mode", "wall", "API calls retried (503), all runs")))
+    print(
+        f"\n3. backfill of {n_months} synthetic months x {rows_per_month:,} rows "
+        f"(model loaded before; median of {repeats})"
+    )
+    print(
+        table(
+            [
+                (label, f"{t[key]:.2f} s", retries[key] if key.startswith("flow") else "")
+                for key, (label, _) in modes.items()
+            ],
+            ("mode", "wall", "API calls retried (503), all runs"),
+        )
+    )
     same, fastest = t["flow_seq1"] / t["flow_par"], t["flow_seq"] / t["flow_par"]
-    print(f"parallel vs sequential through Prefect: {same:.2f}x with the same months (target >= 1.8x), "
-          f"{fastest:.2f}x vs the sequential default; direct: {t['seq1'] / t['par']:.2f}x / {t['seq'] / t['par']:.2f}x")
+    print(
+        f"parallel vs sequential through Prefect: {same:.2f}x with the same months (target >= 1.8x), "
+        f"{fastest:.2f}x vs the sequential default; direct: {t['seq1'] / t['par']:.2f}x / {t['seq'] / t['par']:.2f}x"
+    )
     overhead = {key: (t[f"flow_{key}"] - t[key]) / t[f"flow_{key}"] for key in ("seq1", "seq", "par")}
-    print("orchestration overhead (flow - direct) / flow: "
-          + ", ".join(f"{key} {share:.0%}" for key, share in overhead.items()))
+    print(
+        "orchestration overhead (flow - direct) / flow: "
+        + ", ".join(f"{key} {share:.0%}" for key, share in overhead.items())
+    )
     ceiling = machine_ceiling()
     print(f"this machine's ceiling: ideal CPU-bound work in 2 processes vs 1 measures {ceiling:.2f}x")
     with_hb, without_hb = heartbeat_cost()
-    print(f"one trivial Prefect flow: {with_hb:.2f} s with its heartbeat thread (Prefect's default), "
-          f"{without_hb:.2f} s without (how backfill months run)")
-    return [("backfill parallel vs sequential, same months, Prefect", f"{same:.2f}x"),
-            ("backfill parallel vs sequential default (2-thread forest), Prefect", f"{fastest:.2f}x"),
-            ("backfill parallel vs sequential, direct (same months / 2-thread)",
-             f"{t['seq1'] / t['par']:.2f}x / {t['seq'] / t['par']:.2f}x"),
-            ("Prefect overhead share (seq same months / seq / par)",
-             " / ".join(f"{overhead[k]:.0%}" for k in ("seq1", "seq", "par"))),
-            ("ideal CPU-bound work, 2 processes vs 1 (the machine's ceiling)", f"{ceiling:.2f}x"),
-            ("trivial flow with / without heartbeat", f"{with_hb:.2f} s / {without_hb:.2f} s")]
+    print(
+        f"one trivial Prefect flow: {with_hb:.2f} s with its heartbeat thread (Prefect's default), "
+        f"{without_hb:.2f} s without (how backfill months run)"
+    )
+    return [
+        ("backfill parallel vs sequential, same months, Prefect", f"{same:.2f}x"),
+        ("backfill parallel vs sequential default (2-thread forest), Prefect", f"{fastest:.2f}x"),
+        (
+            "backfill parallel vs sequential, direct (same months / 2-thread)",
+            f"{t['seq1'] / t['par']:.2f}x / {t['seq'] / t['par']:.2f}x",
+        ),
+        (
+            "Prefect overhead share (seq same months / seq / par)",
+            " / ".join(f"{overhead[k]:.0%}" for k in ("seq1", "seq", "par")),
+        ),
+        ("ideal CPU-bound work, 2 processes vs 1 (the machine's ceiling)", f"{ceiling:.2f}x"),
+        ("trivial flow with / without heartbeat", f"{with_hb:.2f} s / {without_hb:.2f} s"),
+    ]
 
 
 def _spin(n: int) -> int:
@@ -314,7 +355,9 @@ def main(argv=None) -> int:
     except s3.exceptions.BucketAlreadyOwnedByYou:  # left by an interrupted run; emptied at the end
         pass
     summary = []
-    print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start (other work on the machine skews wall times)")
+    print(
+        f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start (other work on the machine skews wall times)"
+    )
     try:
         ref = batch.resolve_model()
         model, version = batch.load_model_ref(ref)
@@ -330,8 +373,11 @@ def main(argv=None) -> int:
             if "backfill" not in skip:
                 summary += bench_backfill(model, version, tmp, args.months, args.rows_per_month, args.repeats)
     finally:
-        keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=BENCH_BUCKET)
-                for o in p.get("Contents", [])]
+        keys = [
+            o["Key"]
+            for p in s3.get_paginator("list_objects_v2").paginate(Bucket=BENCH_BUCKET)
+            for o in p.get("Contents", [])
+        ]
         for key in keys:
             s3.delete_object(Bucket=BENCH_BUCKET, Key=key)
         s3.delete_bucket(Bucket=BENCH_BUCKET)

@@ -50,12 +50,19 @@ def main(argv=None) -> int:
     print(f"{result['records']}-record batch, median of {args.repeats}, local Kinesis (moto):\n")
     print("| design | output API calls | time per batch | ms per record |")
     print("|---|---:|---:|---:|")
-    for label, key in (("project: 1 predict + put_records", "batch"), ("2022: predict + put_record per record", "per_record")):
+    for label, key in (
+        ("project: 1 predict + put_records", "batch"),
+        ("2022: predict + put_record per record", "per_record"),
+    ):
         print(f"| {label} | {writes[key]} | {sec[key] * 1000:.1f} ms | {sec[key] * 1000 / result['records']:.2f} |")
-    print(f"\nspeed-up (2022 time / project time): {result['speedup']:.1f}x; "
-          f"output calls {writes['per_record']} -> {writes['batch']}; same predictions: {result['same_predictions']}")
-    print(f"cold start (new interpreter): import {cold['import']:.2f} s + model load from local S3 "
-          f"{cold['load']:.2f} s = {cold['import'] + cold['load']:.2f} s")
+    print(
+        f"\nspeed-up (2022 time / project time): {result['speedup']:.1f}x; "
+        f"output calls {writes['per_record']} -> {writes['batch']}; same predictions: {result['same_predictions']}"
+    )
+    print(
+        f"cold start (new interpreter): import {cold['import']:.2f} s + model load from local S3 "
+        f"{cold['load']:.2f} s = {cold['import'] + cold['load']:.2f} s"
+    )
     return 0
 
 

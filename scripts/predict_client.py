@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Post the example ride to the web service and print the answer (the course's test.py).
 
-    python scripts/predict_client.py --host localhost:9696
+python scripts/predict_client.py --host localhost:9696
 """
 
 from __future__ import annotations
@@ -18,13 +18,18 @@ from ride_duration.utils import EXAMPLE_RIDE
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="localhost:9696", help="host:port of the service (default localhost:9696)")
-    parser.add_argument("--ride", type=json.loads, default=EXAMPLE_RIDE, help="a ride as JSON (default: the example ride)")
+    parser.add_argument(
+        "--ride", type=json.loads, default=EXAMPLE_RIDE, help="a ride as JSON (default: the example ride)"
+    )
     args = parser.parse_args(argv)
     url = f"http://{args.host}/predict"
     try:
         response = requests.post(url, json=args.ride, timeout=30)
     except requests.RequestException as exc:
-        print(f"error: no answer from {url} ({exc.__class__.__name__}); is the service running? (make serve)", file=sys.stderr)
+        print(
+            f"error: no answer from {url} ({exc.__class__.__name__}); is the service running? (make serve)",
+            file=sys.stderr,
+        )
         return 1
     try:
         answer = response.json()

@@ -32,8 +32,17 @@ def print_dead_letters(uri: str) -> int:
         return 1
     for letter in letters:
         kinesis = letter.get("kinesis", {})
-        print(json.dumps({"uri": letter["uri"], "time": letter.get("time"), "reason": letter.get("reason"),
-                          "sequenceNumber": kinesis.get("sequenceNumber"), "data": kinesis.get("data")}))
+        print(
+            json.dumps(
+                {
+                    "uri": letter["uri"],
+                    "time": letter.get("time"),
+                    "reason": letter.get("reason"),
+                    "sequenceNumber": kinesis.get("sequenceNumber"),
+                    "data": kinesis.get("data"),
+                }
+            )
+        )
     return 0
 
 
@@ -42,9 +51,14 @@ def main(argv=None) -> int:
     parser.add_argument("--stream", help="default: PREDICTIONS_STREAM_NAME or ride_predictions")
     parser.add_argument("--position", choices=["TRIM_HORIZON", "LATEST"], default="TRIM_HORIZON")
     parser.add_argument("--wait", type=float, default=0, help="with LATEST: seconds to collect new records")
-    parser.add_argument("--dead-letters", nargs="?", const="", metavar="S3_URI",
-                        help="print the dead letters instead (default DEAD_LETTER_URI or "
-                             "s3://<PREDICTIONS_BUCKET>/dead-letter/<INPUT_STREAM_NAME>/); data stays base64")
+    parser.add_argument(
+        "--dead-letters",
+        nargs="?",
+        const="",
+        metavar="S3_URI",
+        help="print the dead letters instead (default DEAD_LETTER_URI or "
+        "s3://<PREDICTIONS_BUCKET>/dead-letter/<INPUT_STREAM_NAME>/); data stays base64",
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.dead_letters is not None:

@@ -4,6 +4,7 @@
 The committed notebooks stay untouched (their outputs are what nbval compares);
 the freshly executed copies land in reports/course/ for you to open.
 """
+
 import sys
 import time
 from pathlib import Path
@@ -22,8 +23,11 @@ def main(notebooks: list[str]) -> int:
         print(f"==> {source.name}", flush=True)
         try:
             papermill.execute_notebook(
-                str(source), str(out_dir / source.name), cwd=str(source.parent),
-                kernel_name="ride-duration", progress_bar=False,
+                str(source),
+                str(out_dir / source.name),
+                cwd=str(source.parent),
+                kernel_name="ride-duration",
+                progress_bar=False,
             )
         except papermill.PapermillExecutionError as exc:
             print(f"error: {source.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}", file=sys.stderr)

@@ -8,6 +8,7 @@ notebooks must see the learner's environment and use the default local stack
 before, it is stopped again afterwards, so `make test` leaves the machine as it
 found it.
 """
+
 import os
 import subprocess
 import sys

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Thin wrapper over `ride_duration.batch.cli.backfill_main`; see --help."""
+
 from ride_duration.batch.cli import backfill_main
 
 if __name__ == "__main__":

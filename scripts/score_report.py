@@ -9,6 +9,7 @@ servers and never trains: with the tracking server down it stops with one senten
 The report shows what the model was trained on and warns loudly if that was
 synthetic data. Thin wrapper over `ride_duration.batch.cli.report_main`; see --help.
 """
+
 from ride_duration.batch.cli import report_main
 
 if __name__ == "__main__":

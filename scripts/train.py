@@ -8,6 +8,7 @@ unless --allow-synthetic is passed. Every run records its data provenance (file,
 sha256, size, rows, source, real or synthetic) as MLflow params/tags and in the
 logged model's metadata. Thin wrapper over `python -m ride_duration.train`; see --help.
 """
+
 from ride_duration.train import main
 
 if __name__ == "__main__":

@@ -87,8 +87,16 @@ def trained_model(stack, synthetic_months):
 # real_pipeline: trains on the real January (~75 s), too slow for the fast tier.
 _SERVER_FIXTURES = {"stack", "http_folder", "real_pipeline"}
 _SERVER_MODULES = {
-    "test_dockerfile.py", "test_gunicorn.py", "test_packaging.py", "test_invoke.py", "test_scripts.py",
-    "test_report.py", "test_flows.py", "test_stack_and_registry.py", "test_train.py", "test_model_behaviour.py",
+    "test_dockerfile.py",
+    "test_gunicorn.py",
+    "test_packaging.py",
+    "test_invoke.py",
+    "test_scripts.py",
+    "test_report.py",
+    "test_flows.py",
+    "test_stack_and_registry.py",
+    "test_train.py",
+    "test_model_behaviour.py",
 }
 
 

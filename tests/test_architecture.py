@@ -42,7 +42,7 @@ def _cycles(graph):
 
     def visit(node, on_path):
         if node in on_path:
-            found.append(stack[stack.index(node):] + [node])
+            found.append(stack[stack.index(node) :] + [node])
             return
         if node in seen:
             return
@@ -60,7 +60,7 @@ def _cycles(graph):
 def test_no_import_cycles():
     graph = import_graph()
     # A package's __init__ re-exporting its modules is not a cycle of behaviour.
-    pruned = {m: {t for t in ts if not (m.startswith(t + ".") )} for m, ts in graph.items()}
+    pruned = {m: {t for t in ts if not (m.startswith(t + "."))} for m, ts in graph.items()}
     assert _cycles(pruned) == []
 
 

@@ -41,7 +41,10 @@ def _month_bytes(tmp_path) -> bytes:
 
 
 def test_official_url():
-    assert data.official_url("green", 2021, 1) == "https://d37ci6vzurychx.cloudfront.net/trip-data/green_tripdata_2021-01.parquet"
+    assert (
+        data.official_url("green", 2021, 1)
+        == "https://d37ci6vzurychx.cloudfront.net/trip-data/green_tripdata_2021-01.parquet"
+    )
     with pytest.raises(ValueError, match="month"):
         data.filename("green", 2021, 13)
     with pytest.raises(ValueError, match="taxi type"):

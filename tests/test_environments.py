@@ -24,7 +24,7 @@ def parse_req(req: str) -> tuple[str, str]:
 def pyproject_pins() -> dict:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
-    for extra, items in project["optional-dependencies"].items():
+    for items in project["optional-dependencies"].values():
         reqs += [r for r in items if not norm(r).startswith(SELF)]
     return dict(parse_req(r) for r in reqs)
 

@@ -26,10 +26,13 @@ def test_sdist_and_wheel_carry_version_and_pass_twine(dist):
     sdist = next(dist.glob("*.tar.gz"))
     assert wheel.name == f"ride_duration_prediction-{version}-py3-none-any.whl"
     assert "ride_duration/VERSION" in zipfile.ZipFile(wheel).namelist()
-    names = tarfile.open(sdist).getnames()
+    with tarfile.open(sdist) as archive:
+        names = archive.getnames()
     assert any(n.endswith("ride_duration/VERSION") for n in names)
     assert not any("__pycache__" in n for n in names)
-    check = subprocess.run([sys.executable, "-m", "twine", "check", *map(str, dist.iterdir())], capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "twine", "check", *map(str, dist.iterdir())], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "PASSED" in check.stdout
 
@@ -43,8 +46,12 @@ def test_wheel_installs_in_fresh_venv_and_predicts(dist, tmp_path, synthetic_mon
     python = target / "bin" / "python"
     wheel = next(dist.glob("*.whl"))
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     code = f"""
 import ride_duration, sys

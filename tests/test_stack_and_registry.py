@@ -91,10 +91,16 @@ def test_training_with_tracking_server_down_says_how_to_start_it(capsys, monkeyp
     port = free_port()
     with pytest.raises(TrackingServerDown, match="make services-up"):
         check_tracking_server(f"http://127.0.0.1:{port}")
-    code = train_main([
-        "--tracking-uri", f"http://127.0.0.1:{port}",
-        "--train-path", str(synthetic_months[(2021, 1)]), "--valid-path", str(synthetic_months[(2021, 2)]),
-    ])
+    code = train_main(
+        [
+            "--tracking-uri",
+            f"http://127.0.0.1:{port}",
+            "--train-path",
+            str(synthetic_months[(2021, 1)]),
+            "--valid-path",
+            str(synthetic_months[(2021, 2)]),
+        ]
+    )
     assert code == 1
     assert "make services-up" in capsys.readouterr().err
 
@@ -102,7 +108,9 @@ def test_training_with_tracking_server_down_says_how_to_start_it(capsys, monkeyp
 @pytest.fixture
 def own_stack(tmp_path, monkeypatch):
     """A separate stack (restartable without disturbing the session one)."""
-    stack = LocalStack(local_dir=tmp_path / "local", ports={n: free_port() for n in ("s3", "mlflow", "prefect")}, quiet=True)
+    stack = LocalStack(
+        local_dir=tmp_path / "local", ports={n: free_port() for n in ("s3", "mlflow", "prefect")}, quiet=True
+    )
     for key, value in stack.env().items():
         monkeypatch.setenv(key, value)
     yield stack
@@ -122,13 +130,19 @@ def test_stack_restart_keeps_registry_and_artifacts_and_s3_survives_tracking_dow
     logged = log_to_mlflow(trained_model["result"], promote=True)
     from ride_duration.aws import s3_client
 
-    s3_client().put_object(Bucket=stack.predictions_bucket, Key="taxi_type=green/year=2021/month=02/x.parquet", Body=b"abc")
+    s3_client().put_object(
+        Bucket=stack.predictions_bucket, Key="taxi_type=green/year=2021/month=02/x.parquet", Body=b"abc"
+    )
 
     stack.down()
     assert not any(stack.healthy(n) for n in ("s3", "mlflow"))
     stack.up(("s3", "mlflow"))
 
-    body = s3_client().get_object(Bucket=stack.predictions_bucket, Key="taxi_type=green/year=2021/month=02/x.parquet")["Body"].read()
+    body = (
+        s3_client()
+        .get_object(Bucket=stack.predictions_bucket, Key="taxi_type=green/year=2021/month=02/x.parquet")["Body"]
+        .read()
+    )
     assert body == b"abc"
     model, version = load_model()  # registry + alias after the restart
     assert version == logged.run_id
@@ -140,7 +154,9 @@ def test_stack_restart_keeps_registry_and_artifacts_and_s3_survives_tracking_dow
         load_model()
     model, version = load_model(s3_model_uri(stack.mlflow_bucket, logged.experiment_id, logged.model_id))
     assert version == logged.run_id
-    assert make_prediction(model, [EXAMPLE]).tolist() == pytest.approx(make_prediction(trained_model["pipeline"], [EXAMPLE]).tolist())
+    assert make_prediction(model, [EXAMPLE]).tolist() == pytest.approx(
+        make_prediction(trained_model["pipeline"], [EXAMPLE]).tolist()
+    )
 
 
 def test_port_taken_by_someone_else(tmp_path):
@@ -148,7 +164,9 @@ def test_port_taken_by_someone_else(tmp_path):
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     port = blocker.getsockname()[1]
-    stack = LocalStack(local_dir=tmp_path, ports={"s3": port, "mlflow": free_port(), "prefect": free_port()}, quiet=True)
+    stack = LocalStack(
+        local_dir=tmp_path, ports={"s3": port, "mlflow": free_port(), "prefect": free_port()}, quiet=True
+    )
     try:
         with pytest.raises(StackError, match=f"port {port} .*taken"):
             stack.up(("s3",))
@@ -213,7 +231,8 @@ def test_kill_9_of_every_stack_process_keeps_models_and_objects(trained_model, t
         expected = make_prediction(trained_model["pipeline"], rides)
         path = f"s3://{stack.predictions_bucket}/taxi_type=green/year=2021/month=02/predictions.parquet"
         pd.DataFrame({"ride_id": ["a", "b", "c"], "predicted_duration": expected}).to_parquet(
-            path, storage_options=storage_options(path))  # pandas -> s3fs -> SeaweedFS, as batch writes
+            path, storage_options=storage_options(path)
+        )  # pandas -> s3fs -> SeaweedFS, as batch writes
         key = path.removeprefix(f"s3://{stack.predictions_bucket}/")
         written = s3_client().get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read()
         before = stack.s3_inventory()
@@ -240,7 +259,8 @@ def test_kill_9_of_every_stack_process_keeps_models_and_objects(trained_model, t
         assert make_prediction(model, rides).tolist() == pytest.approx(expected.tolist())
         assert s3_client().get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read() == written
         assert pd.read_parquet(path, storage_options=storage_options(path))["predicted_duration"].tolist() == (
-            pytest.approx(expected.tolist()))
+            pytest.approx(expected.tolist())
+        )
 
         # When the artifacts ARE gone, loading says so, and where.
         bucket, _, prefix = logged.s3_uri.removeprefix("s3://").partition("/")
@@ -269,18 +289,26 @@ def test_upgrade_from_the_moto_s3_version_loses_no_object(tmp_path, capsys):
     (old / "MLmodel").write_text("flavors: {}\n")
     # The older version's S3 (moto on what is now the Kinesis port), started as it did, with a pid file.
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(stack.ports["kinesis"])]
-    moto = subprocess.Popen(cmd, cwd=stack.local_dir, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    moto = subprocess.Popen(
+        cmd, cwd=stack.local_dir, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     stack.run_dir.mkdir(parents=True)
     stack._pidfile("s3").write_text(json.dumps({"pid": moto.pid, "port": stack.ports["kinesis"], "cmd": cmd}))
     try:
-        old_s3 = boto3.client("s3", endpoint_url=stack.url("kinesis"), region_name="eu-west-1",
-                              aws_access_key_id="test", aws_secret_access_key="test")
+        old_s3 = boto3.client(
+            "s3",
+            endpoint_url=stack.url("kinesis"),
+            region_name="eu-west-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
         for _ in range(100):
             if port_in_use(stack.ports["kinesis"]):
                 break
             time.sleep(0.1)
-        old_s3.create_bucket(Bucket="nyc-duration-prediction", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+        old_s3.create_bucket(
+            Bucket="nyc-duration-prediction", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+        )
         old_s3.put_object(Bucket="nyc-duration-prediction", Key="taxi_type=green/p.parquet", Body=b"in memory")
 
         stack.up(("s3",))
@@ -293,7 +321,8 @@ def test_upgrade_from_the_moto_s3_version_loses_no_object(tmp_path, capsys):
         body = s3.get_object(Bucket="mlflow-models-ride-duration", Key="1/models/m-1/artifacts/MLmodel")["Body"]
         assert body.read() == b"flavors: {}\n"
         assert s3.get_object(Bucket="nyc-duration-prediction", Key="taxi_type=green/p.parquet")["Body"].read() == (
-            b"in memory")
+            b"in memory"
+        )
     finally:
         stack.down()
         if moto.poll() is None:
@@ -309,7 +338,7 @@ def _listen_addresses(ports) -> set[str]:
             local, state = line.split()[1], line.split()[3]
             address, port = local.split(":")
             if state == "0A" and int(port, 16) in ports:
-                host = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)) if width == 8 else address
+                host = ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)) if width == 8 else address
                 found.add(f"{host}:{int(port, 16)}")
     return found
 
@@ -333,8 +362,13 @@ def test_every_listener_is_on_loopback_and_lost_pid_files_are_found(tmp_path, ca
         import boto3
         from botocore.exceptions import ClientError
 
-        wrong = boto3.client("s3", endpoint_url=stack.url("kinesis"), region_name="eu-west-1",
-                             aws_access_key_id="test", aws_secret_access_key="test")
+        wrong = boto3.client(
+            "s3",
+            endpoint_url=stack.url("kinesis"),
+            region_name="eu-west-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
         with pytest.raises(ClientError, match=f"S3 is SeaweedFS at {stack.url('s3')}") as refused:
             wrong.put_object(Bucket=stack.predictions_bucket, Key="lost.txt", Body=b"x")
         assert refused.value.response["Error"]["Code"] == "WrongEndpoint"
@@ -375,14 +409,26 @@ def test_custom_ports_each_ui_talks_to_its_own_server_and_a_new_shell_sees_them(
         # A new shell knows only LOCAL_DIR: `stack env` prints the running stack's endpoints.
         env = {k: v for k, v in os.environ.items() if not k.startswith("STACK_")}
         env["LOCAL_DIR"] = str(own.local_dir)
-        out = subprocess.run([sys.executable, "-m", "ride_duration.stack", "env"], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "ride_duration.stack", "env"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert f"export AWS_ENDPOINT_URL_S3={own.url('s3')}\n" in out
         assert f"export AWS_ENDPOINT_URL={own.url('kinesis')}\n" in out
         assert f"export MLFLOW_TRACKING_URI={own.url('mlflow')}\n" in out
         assert f"export PREFECT_API_URL={own.url('prefect')}/api\n" in out
-        status = subprocess.run([sys.executable, "-m", "ride_duration.stack", "status"], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, check=True).stdout
+        status = subprocess.run(
+            [sys.executable, "-m", "ride_duration.stack", "status"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert f"prefect  up                   {own.url('prefect')}" in status
         for key in [k for k in os.environ if k.startswith("STACK_")]:
             monkeypatch.delenv(key)
@@ -401,8 +447,16 @@ def test_custom_ports_each_ui_talks_to_its_own_server_and_a_new_shell_sees_them(
 
 
 # ------------------------------------------------------------------ which servers a CLI uses (item 6)
-_SERVER_SETTINGS = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL",
-                    "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_SERVER_SETTINGS = (
+    "AWS_ENDPOINT_URL",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_URI",
+    "PREFECT_API_URL",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
 
 
 @pytest.fixture
@@ -419,13 +473,17 @@ def unconfigured(stack, monkeypatch):
     os.environ.update(saved)
 
 
-@pytest.mark.parametrize("settings", [
-    {"MLFLOW_TRACKING_URI": "http://mlflow.example.internal:5000"},
-    {"AWS_PROFILE": "course"},
-    {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret"},
-    {"AWS_ENDPOINT_URL_S3": "https://s3.example.internal"},
-    {"PREFECT_API_URL": "https://prefect.example.internal/api"},
-], ids=["tracking-uri", "aws-profile", "aws-keys", "s3-endpoint", "prefect-api"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"MLFLOW_TRACKING_URI": "http://mlflow.example.internal:5000"},
+        {"AWS_PROFILE": "course"},
+        {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret"},
+        {"AWS_ENDPOINT_URL_S3": "https://s3.example.internal"},
+        {"PREFECT_API_URL": "https://prefect.example.internal/api"},
+    ],
+    ids=["tracking-uri", "aws-profile", "aws-keys", "s3-endpoint", "prefect-api"],
+)
 def test_activate_if_running_never_replaces_configured_servers(unconfigured, monkeypatch, settings):
     for key, value in settings.items():
         monkeypatch.setenv(key, value)
@@ -454,8 +512,9 @@ def test_env_files_stay_out_of_git_and_images_but_the_example_is_tracked():
     if shutil.which("git") is None or not (repo / ".git").exists():
         pytest.skip("not a git checkout")
     names = [".env", ".env.aws", ".env.local", ".env.example"]
-    done = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=repo, capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", *names], cwd=repo, capture_output=True, text=True, check=False
+    )
     assert done.stdout.split() == [".env", ".env.aws", ".env.local"]
     for image in ("web-service", "streaming"):
         lines = (repo / "docker" / image / "Dockerfile.dockerignore").read_text().split()

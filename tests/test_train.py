@@ -35,9 +35,11 @@ def test_cli_refuses_a_missing_month_without_allow_synthetic(stack, no_real_data
     assert code == 1
     mirror = tmp_path / "mirror-without-january" / "green_tripdata_2021-01.parquet"
     assert err.startswith(f"error: green 2021-01 is not available (tried: {mirror} (")
-    assert err.endswith("): set TLC_MIRROR to a folder or URL prefix holding green_tripdata_2021-01.parquet, "
-                        "or pass --allow-synthetic to train on a synthetic month whose figures will not match "
-                        "the course's\n")
+    assert err.endswith(
+        "): set TLC_MIRROR to a folder or URL prefix holding green_tripdata_2021-01.parquet, "
+        "or pass --allow-synthetic to train on a synthetic month whose figures will not match "
+        "the course's\n"
+    )
     assert err.count("\n") == 1 and "trained on" not in out
     assert not no_real_data.exists() or not any(no_real_data.iterdir())  # no synthetic month was written
 
@@ -48,7 +50,8 @@ def test_cli_refuses_a_given_synthetic_file(stack, synthetic_months, capsys):
     assert code == 1
     assert capsys.readouterr().err == (
         f"error: the train file green_tripdata_2021-01.parquet ({jan}) is synthetic data: "
-        "pass --allow-synthetic to train on it, or give a real TLC month\n")
+        "pass --allow-synthetic to train on it, or give a real TLC month\n"
+    )
 
 
 def test_cli_with_allow_synthetic_records_the_provenance(stack, synthetic_months, capsys):
@@ -57,8 +60,18 @@ def test_cli_with_allow_synthetic_records_the_provenance(stack, synthetic_months
     from ride_duration.predict import load_model
 
     jan, feb = synthetic_months[(2021, 1)], synthetic_months[(2021, 2)]
-    code = train_main(["--tracking-uri", stack.url("mlflow"), "--no-register", "--allow-synthetic",
-                       "--train-path", str(jan), "--valid-path", str(feb)])
+    code = train_main(
+        [
+            "--tracking-uri",
+            stack.url("mlflow"),
+            "--no-register",
+            "--allow-synthetic",
+            "--train-path",
+            str(jan),
+            "--valid-path",
+            str(feb),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert f"trained on   green_tripdata_2021-01.parquet (SYNTHETIC, 4,000 rows, sha256 {_sha256(jan)[:12]}" in out
@@ -71,14 +84,25 @@ def test_cli_with_allow_synthetic_records_the_provenance(stack, synthetic_months
     assert (run.data.tags["data.train_file"], run.data.tags["data.valid_file"]) == (jan.name, feb.name)
     params = run.data.params
     assert (params["train_file"], params["train_sha256"], params["train_size"], params["train_rows"]) == (
-        jan.name, _sha256(jan), str(jan.stat().st_size), "4000")
+        jan.name,
+        _sha256(jan),
+        str(jan.stat().st_size),
+        "4000",
+    )
     assert (params["valid_sha256"], params["valid_rows"], params["valid_source"]) == (_sha256(feb), "3000", str(feb))
 
     # The same record in the MLmodel file, which a service loading from S3 alone reads.
     recorded = mlflow.models.get_model_info(f"runs:/{run_id}/model").metadata["training_data"]
     assert recorded["synthetic"] is True
-    assert recorded["train"] == {"file": jan.name, "sha256": _sha256(jan), "size": jan.stat().st_size,
-                                 "rows": 4000, "source": str(jan), "synthetic": True, "verified": False}
+    assert recorded["train"] == {
+        "file": jan.name,
+        "sha256": _sha256(jan),
+        "size": jan.stat().st_size,
+        "rows": 4000,
+        "source": str(jan),
+        "synthetic": True,
+        "verified": False,
+    }
     model, _ = load_model(f"runs:/{run_id}/model")
     assert model.training_data == recorded
 
@@ -103,8 +127,11 @@ def test_ensure_production_model_refuses_synthetic_data(stack, no_real_data, mon
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MODEL_NAME", "NoProductionModelYet")
-    with pytest.raises(SyntheticDataRefused, match=r"^green 2021-01 is not available \(tried: .*\): set TLC_MIRROR "
-                       r"to a folder or URL prefix holding green_tripdata_2021-01.parquet, or pass "
-                       r"allow_synthetic=True to train"):
+    with pytest.raises(
+        SyntheticDataRefused,
+        match=r"^green 2021-01 is not available \(tried: .*\): set TLC_MIRROR "
+        r"to a folder or URL prefix holding green_tripdata_2021-01.parquet, or pass "
+        r"allow_synthetic=True to train",
+    ):
         ensure_production_model()
     assert MlflowClient(stack.url("mlflow")).search_registered_models("name = 'NoProductionModelYet'") == []

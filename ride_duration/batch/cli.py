@@ -43,7 +43,7 @@ def _prefect_ready() -> str:
             raise CliError(
                 "PREFECT_API_URL is not set, and the local stack's Prefect is down or other servers are "
                 "configured: run `make services-up`, or set PREFECT_API_URL to your server "
-                "(and `eval \"$(python -m ride_duration.stack env)\"`, or copy .env.example to .env)"
+                '(and `eval "$(python -m ride_duration.stack env)"`, or copy .env.example to .env)'
             )
         url = os.environ["PREFECT_API_URL"]
         print(f"using the local stack (Prefect {url})", file=sys.stderr)
@@ -71,8 +71,11 @@ def _run(body) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--taxi-type", default="green", choices=TAXI_TYPES)
-    parser.add_argument("--run-id", help="model: an MLflow run id, an alias, a models:/ or S3 URI (default: as the "
-                                         "services: MODEL_URI, MODEL_ID + EXPERIMENT_ID from S3, else the production alias)")
+    parser.add_argument(
+        "--run-id",
+        help="model: an MLflow run id, an alias, a models:/ or S3 URI (default: as the "
+        "services: MODEL_URI, MODEL_ID + EXPERIMENT_ID from S3, else the production alias)",
+    )
 
 
 def _pinned_model(ref: str | None) -> str:
@@ -89,7 +92,8 @@ def _pinned_model(ref: str | None) -> str:
 def score_main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Score ONE month with the Prefect flow. --year/--month name the month scored "
-        "(2021 2 = February 2021); the flow's run date is 2021-03-02 03:00, as the schedule would use.")
+        "(2021 2 = February 2021); the flow's run date is 2021-03-02 03:00, as the schedule would use."
+    )
     _common(parser)
     parser.add_argument("--year", type=int, required=True)
     parser.add_argument("--month", type=int, required=True, choices=range(1, 13), metavar="1-12")
@@ -101,16 +105,18 @@ def score_main(argv=None) -> int:
         from .core import run_date_for
         from .flows import ride_duration_prediction
 
-        result = ride_duration_prediction(taxi_type=args.taxi_type, run_id=model,
-                                          run_date=run_date_for(args.year, args.month))
+        result = ride_duration_prediction(
+            taxi_type=args.taxi_type, run_id=model, run_date=run_date_for(args.year, args.month)
+        )
         print(json.dumps(result, indent=1))
 
     return _run(body)
 
 
 def backfill_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Score every month from --start to --end (inclusive), "
-                                                 "months in parallel, one Prefect subflow each.")
+    parser = argparse.ArgumentParser(
+        description="Score every month from --start to --end (inclusive), months in parallel, one Prefect subflow each."
+    )
     _common(parser)
     parser.add_argument("--start", type=_month, required=True, help="first month, YYYY-MM")
     parser.add_argument("--end", type=_month, required=True, help="last month, YYYY-MM")
@@ -124,18 +130,26 @@ def backfill_main(argv=None) -> int:
 
         (y0, m0), (y1, m1) = args.start, args.end
         results = ride_duration_prediction_backfill(
-            taxi_type=args.taxi_type, run_id=model, parallel=not args.sequential,
-            start_date=f"{y0:04d}-{m0:02d}", end_date=f"{y1:04d}-{m1:02d}")
+            taxi_type=args.taxi_type,
+            run_id=model,
+            parallel=not args.sequential,
+            start_date=f"{y0:04d}-{m0:02d}",
+            end_date=f"{y1:04d}-{m1:02d}",
+        )
         for r in results:
-            print(f"{r['year']:04d}-{r['month']:02d}  {r['rows']:>9,d} rides  RMSE {r['rmse']:.3f}  "
-                  f"{r['rejected']:>5,d} rejected  -> {r['output_file']}")
+            print(
+                f"{r['year']:04d}-{r['month']:02d}  {r['rows']:>9,d} rides  RMSE {r['rmse']:.3f}  "
+                f"{r['rejected']:>5,d} rejected  -> {r['output_file']}"
+            )
 
     return _run(body)
 
 
 def report_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="papermill: execute notebooks/05-batch-scoring.ipynb for a month "
-                                                 "into reports/<taxi>-<YYYY>-<MM>.ipynb.")
+    parser = argparse.ArgumentParser(
+        description="papermill: execute notebooks/05-batch-scoring.ipynb for a month "
+        "into reports/<taxi>-<YYYY>-<MM>.ipynb."
+    )
     parser.add_argument("--taxi-type", default="green", choices=TAXI_TYPES)
     parser.add_argument("--month", type=_month, required=True, help="month to score, YYYY-MM")
     parser.add_argument("--model", help="alias, MLflow run id or model URI (default: the notebook's)")
@@ -148,8 +162,14 @@ def report_main(argv=None) -> int:
         from .report import ReportFailed, read_summary, run_report
 
         try:
-            path = run_report(args.taxi_type, *args.month, model=args.model, input_file=args.input_file,
-                              output_file=args.output_file, output_dir=args.output_dir)
+            path = run_report(
+                args.taxi_type,
+                *args.month,
+                model=args.model,
+                input_file=args.input_file,
+                output_file=args.output_file,
+                output_dir=args.output_dir,
+            )
         except ReportFailed as exc:
             raise CliError(str(exc)) from exc
         print(f"report: {path}")
@@ -163,8 +183,10 @@ def _print_schedule(n: int = 3) -> None:
     from .deploy import CRON, FULL_NAME, TIMEZONE, preview_schedule, read_deployment
 
     deployment = read_deployment()
-    print(f"deployment {FULL_NAME}: cron {CRON!r} ({TIMEZONE}), tags {deployment.tags}, "
-          f"parameters {deployment.parameters}")
+    print(
+        f"deployment {FULL_NAME}: cron {CRON!r} ({TIMEZONE}), tags {deployment.tags}, "
+        f"parameters {deployment.parameters}"
+    )
     for when in preview_schedule(n):
         print(f"  next run: {when:%Y-%m-%d %H:%M %Z}")
 
@@ -177,8 +199,11 @@ def main(argv=None) -> int:
     schedule = sub.add_parser("schedule", help="create/update the deployment and preview its next 3 runs")
     for p in (deploy, schedule):
         p.add_argument("--taxi-type", default="green", choices=TAXI_TYPES)
-        p.add_argument("--model", help="alias, run id or model URI every run uses (default: each run finds its "
-                                       "model as the services do, in the runner's environment)")
+        p.add_argument(
+            "--model",
+            help="alias, run id or model URI every run uses (default: each run finds its "
+            "model as the services do, in the runner's environment)",
+        )
     delegated = {"score": score_main, "backfill": backfill_main, "report": report_main}
     for name in delegated:
         sub.add_parser(name, help=f"see `{name} --help`", add_help=False)

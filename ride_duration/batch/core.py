@@ -42,8 +42,15 @@ from ..utils import (
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = (
-    "ride_id", "lpep_pickup_datetime", "PULocationID", "DOLocationID", "trip_distance",
-    "actual_duration", "predicted_duration", "diff", "model_version",
+    "ride_id",
+    "lpep_pickup_datetime",
+    "PULocationID",
+    "DOLocationID",
+    "trip_distance",
+    "actual_duration",
+    "predicted_duration",
+    "diff",
+    "model_version",
 )
 # Rows per read/predict/write step: bounds memory for yellow-taxi-sized months.
 BATCH_SIZE = 250_000
@@ -105,8 +112,7 @@ def output_location(taxi_type: str, year: int, month: int, run_id: str, settings
     """Hive-style partitions, one object per (month, model): re-running replaces it."""
     settings = settings or get_settings()
     return (
-        f"s3://{settings.predictions_bucket}/taxi_type={taxi_type}/"
-        f"year={year:04d}/month={month:02d}/{run_id}.parquet"
+        f"s3://{settings.predictions_bucket}/taxi_type={taxi_type}/year={year:04d}/month={month:02d}/{run_id}.parquet"
     )
 
 
@@ -126,8 +132,16 @@ def get_paths(run_date, taxi_type: str, run_id: str, settings: Settings | None =
     return month_paths(taxi_type, year, month, run_id, settings=settings)
 
 
-def month_paths(taxi_type: str, year: int, month: int, run_id: str, *, input_file: str | None = None,
-                output_file: str | None = None, settings: Settings | None = None) -> BatchPaths:
+def month_paths(
+    taxi_type: str,
+    year: int,
+    month: int,
+    run_id: str,
+    *,
+    input_file: str | None = None,
+    output_file: str | None = None,
+    settings: Settings | None = None,
+) -> BatchPaths:
     """Paths to score (year, month) itself, with optional overrides (papermill parameters)."""
     settings = settings or get_settings()
     return BatchPaths(
@@ -201,8 +215,11 @@ def open_input(paths: BatchPaths, settings: Settings | None = None) -> str:
     if location == official_url(paths.taxi_type, paths.year, paths.month):
         # The data cache, then TLC_MIRROR, then the URL; never synthetic data for scoring.
         try:
-            return str(fetch_month(paths.taxi_type, paths.year, paths.month, settings=settings,
-                                   allow_synthetic=False, progress=False))
+            return str(
+                fetch_month(
+                    paths.taxi_type, paths.year, paths.month, settings=settings, allow_synthetic=False, progress=False
+                )
+            )
         except DataUnavailable as exc:
             raise InputNotFound(f"no input for {paths.label}: {exc}") from exc
     if location.startswith("s3://"):
@@ -389,8 +406,7 @@ def design_matrix(model, df: pd.DataFrame):
         cols.append(np.full(n, vocabulary["trip_distance"]))
         data.append(frame["trip_distance"].to_numpy(dtype=float))
     shape = (n, len(vectorizer.feature_names_))
-    return sparse.coo_matrix((np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))),
-                             shape=shape).tocsr()
+    return sparse.coo_matrix((np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))), shape=shape).tocsr()
 
 
 def predict_durations(model, df: pd.DataFrame, n_jobs: int | None = -1) -> np.ndarray:
@@ -436,7 +452,7 @@ def generate_uuids(n: int) -> pa.Array:
     hexed = np.frombuffer(raw.tobytes().hex().encode("ascii"), dtype=np.uint8).reshape(n, 32)
     text = np.full((n, 36), ord("-"), dtype=np.uint8)
     for (a, b), start in zip(((0, 8), (8, 12), (12, 16), (16, 20), (20, 32)), (0, 9, 14, 19, 24)):
-        text[:, start:start + b - a] = hexed[:, a:b]
+        text[:, start : start + b - a] = hexed[:, a:b]
     fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(36), n, [None, pa.py_buffer(text.tobytes())])
     return fixed.cast(pa.binary()).cast(pa.string())
 
@@ -534,8 +550,9 @@ def save_rejects(rejects: pd.DataFrame, output_file: str, settings: Settings | N
     return location if len(rejects) else None
 
 
-def save_results(df: pd.DataFrame, predictions, run_id: str, output_file: str,
-                 settings: Settings | None = None) -> pd.DataFrame:
+def save_results(
+    df: pd.DataFrame, predictions, run_id: str, output_file: str, settings: Settings | None = None
+) -> pd.DataFrame:
     """Write the month's results to `output_file` atomically; returns the frame written."""
     result = build_results(df, predictions, run_id)
     with atomic_parquet(output_file, settings) as write:
@@ -565,9 +582,16 @@ class MonthResult:
         return asdict(self)
 
 
-def score_month(paths: BatchPaths, model, model_version: str, *, batch_size: int = BATCH_SIZE,
-                n_jobs: int | None = -1, settings: Settings | None = None,
-                logger: logging.Logger | logging.LoggerAdapter | None = None) -> MonthResult:
+def score_month(
+    paths: BatchPaths,
+    model,
+    model_version: str,
+    *,
+    batch_size: int = BATCH_SIZE,
+    n_jobs: int | None = -1,
+    settings: Settings | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> MonthResult:
     """Read, predict and write one month in batches; nothing is published on failure.
 
     Rides that break the contract are not scored: they go to `rejects_location(output)`
@@ -583,8 +607,10 @@ def score_month(paths: BatchPaths, model, model_version: str, *, batch_size: int
     reasons: Counter[str] = Counter()
     # Nested: on success the rejects are published (or a stale object removed) first,
     # then the predictions; on any failure neither is.
-    with atomic_parquet(paths.output_file, settings) as write, \
-            atomic_parquet(rejects_file, settings, required=False) as write_rejects:
+    with (
+        atomic_parquet(paths.output_file, settings) as write,
+        atomic_parquet(rejects_file, settings, required=False) as write_rejects,
+    ):
         for df in iter_month(location, batch_size, label=paths.label):
             valid, rejects = split_rides(df)
             if len(rejects):
@@ -604,20 +630,35 @@ def score_month(paths: BatchPaths, model, model_version: str, *, batch_size: int
     rejected = sum(reasons.values())
     logger.info("%s: wrote %d predictions to %s in %.1f s", paths.label, rows, paths.output_file, seconds)
     if rejected:
-        logger.warning("%s: rejected %d of %d rides (%.2f%%, limit %.0f%%): %s; written to %s", paths.label,
-                       rejected, rows + rejected, 100 * rejected / (rows + rejected), 100 * REJECT_LIMIT,
-                       _reasons_text(reasons), rejects_file)
+        logger.warning(
+            "%s: rejected %d of %d rides (%.2f%%, limit %.0f%%): %s; written to %s",
+            paths.label,
+            rejected,
+            rows + rejected,
+            100 * rejected / (rows + rejected),
+            100 * REJECT_LIMIT,
+            _reasons_text(reasons),
+            rejects_file,
+        )
     return MonthResult(
-        taxi_type=paths.taxi_type, year=paths.year, month=paths.month, rows=rows,
-        rmse=float(np.sqrt(squared / rows)), mean_diff=total_diff / rows,
-        output_file=paths.output_file, model_version=model_version, seconds=seconds,
-        rejected=rejected, rejected_by_reason=dict(reasons.most_common()),
+        taxi_type=paths.taxi_type,
+        year=paths.year,
+        month=paths.month,
+        rows=rows,
+        rmse=float(np.sqrt(squared / rows)),
+        mean_diff=total_diff / rows,
+        output_file=paths.output_file,
+        model_version=model_version,
+        seconds=seconds,
+        rejected=rejected,
+        rejected_by_reason=dict(reasons.most_common()),
         rejects_file=rejects_file if rejected else None,
     )
 
 
 def months_between(start, end) -> list[tuple[int, int]]:
     """Inclusive list of (year, month) from `start` to `end` ('2021-01', dates or datetimes)."""
+
     def ym(value):
         if isinstance(value, str):
             value = datetime.fromisoformat(value if len(value) > 7 else f"{value}-01")

@@ -95,7 +95,11 @@ def start_runner(model: str | None = None, log_path=None, poll_seconds: int = 1)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
             env={**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": str(poll_seconds)},
         )
     finally:
@@ -119,8 +123,9 @@ def stop_runner(process, timeout: float = 20) -> int:
     return process.returncode
 
 
-def trigger_run(scheduled_time: datetime, parameters: dict | None = None, name: str = FULL_NAME,
-                wait_for_deployment: float = 60):
+def trigger_run(
+    scheduled_time: datetime, parameters: dict | None = None, name: str = FULL_NAME, wait_for_deployment: float = 60
+):
     """Create a run of the deployment scheduled at `scheduled_time` (past = due now).
 
     Retries while the deployment does not exist yet (a runner just starting creates it).
@@ -133,8 +138,9 @@ def trigger_run(scheduled_time: datetime, parameters: dict | None = None, name: 
     deadline = time.monotonic() + wait_for_deployment
     while True:
         try:
-            return run_deployment(name, parameters=parameters, scheduled_time=scheduled_time, timeout=0,
-                                  as_subflow=False, _sync=True)
+            return run_deployment(
+                name, parameters=parameters, scheduled_time=scheduled_time, timeout=0, as_subflow=False, _sync=True
+            )
         except ObjectNotFound:
             if time.monotonic() > deadline:
                 raise

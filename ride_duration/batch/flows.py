@@ -52,22 +52,25 @@ def _subflow_started() -> None:
 # NO_CACHE: the default cache key would hash the inputs; the work is a side effect
 # (an S3 object) that must be redone when asked.
 @task(name="apply-model", cache_policy=NO_CACHE)
-def apply_model(input_file: str, output_file: str, model: ModelRef, taxi_type: str, year: int, month: int,
-                n_jobs: int | None = -1) -> dict:
+def apply_model(
+    input_file: str, output_file: str, model: ModelRef, taxi_type: str, year: int, month: int, n_jobs: int | None = -1
+) -> dict:
     """Score one month: load the (cached) model, read, predict, write atomically."""
     logger = get_run_logger()
     paths = BatchPaths(taxi_type, year, month, input_file, output_file)
     logger.info("loading model %s (run %s)", model.uri, model.run_id)
     pipeline, version = load_model_ref(model)
     result = score_month(paths, pipeline, version, n_jobs=n_jobs, logger=logger)
-    logger.info("%s: %d rides scored, RMSE %.3f min; %d rejected", paths.label, result.rows, result.rmse,
-                result.rejected)
+    logger.info(
+        "%s: %d rides scored, RMSE %.3f min; %d rejected", paths.label, result.rows, result.rmse, result.rejected
+    )
     return result.as_dict()
 
 
 @flow(name=FLOW_NAME)
-def ride_duration_prediction(taxi_type: str = "green", run_id: str | None = None,
-                             run_date: datetime | None = None, n_jobs: int | None = -1) -> dict:
+def ride_duration_prediction(
+    taxi_type: str = "green", run_id: str | None = None, run_date: datetime | None = None, n_jobs: int | None = -1
+) -> dict:
     """Score the month before `run_date` with the model `run_id`: a run id, an alias, a
     `models:/` or S3 URI; default: what the services use (MODEL_URI, MODEL_ID +
     EXPERIMENT_ID straight from S3, else the registry alias; `predict.resolve_model`).
@@ -108,9 +111,14 @@ def score_month_subflow(taxi_type: str, run_id: str, run_date: datetime, n_jobs:
 
 
 @flow(name=BACKFILL_FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=BACKFILL_WORKERS))
-def ride_duration_prediction_backfill(taxi_type: str = "green", run_id: str | None = None,
-                                      start_date: date | str = "2021-01", end_date: date | str = "2021-02",
-                                      parallel: bool = True, n_jobs: int | None = None) -> list[dict]:
+def ride_duration_prediction_backfill(
+    taxi_type: str = "green",
+    run_id: str | None = None,
+    start_date: date | str = "2021-01",
+    end_date: date | str = "2021-02",
+    parallel: bool = True,
+    n_jobs: int | None = None,
+) -> list[dict]:
     """Score every month from `start_date` to `end_date` (inclusive), one subflow each.
 
     Parallel is safe here because the model is resolved to one version and loaded

@@ -118,12 +118,16 @@ def training_data(model, ref=None) -> dict | None:
 def training_warning(data: dict | None) -> str | None:
     """The loud sentence a report carries when its model's training data is synthetic or unknown."""
     if data is None:
-        return ("The model's training data was not recorded (it was logged before provenance was): "
-                "nothing here says it learned from real rides; retrain it with `make train`.")
+        return (
+            "The model's training data was not recorded (it was logged before provenance was): "
+            "nothing here says it learned from real rides; retrain it with `make train`."
+        )
     if data["synthetic"]:
         files = ", ".join(data[part]["file"] for part in ("train", "valid") if data[part]["synthetic"])
-        return (f"THIS MODEL WAS TRAINED ON SYNTHETIC DATA ({files}): its predictions and this report's RMSE "
-                "say nothing about real rides; train it on the real months (`make train` with TLC_MIRROR set).")
+        return (
+            f"THIS MODEL WAS TRAINED ON SYNTHETIC DATA ({files}): its predictions and this report's RMSE "
+            "say nothing about real rides; train it on the real months (`make train` with TLC_MIRROR set)."
+        )
     return None
 
 
@@ -163,9 +167,17 @@ def report_path(taxi_type: str, year: int, month: int, output_dir: str | os.Path
     return folder / f"{taxi_type}-{int(year):04d}-{int(month):02d}.ipynb"
 
 
-def run_report(taxi_type: str, year: int, month: int, *, model: str | None = None, input_file: str | None = None,
-               output_file: str | None = None, output_dir: str | os.PathLike | None = None,
-               kernel_name: str = KERNEL) -> Path:
+def run_report(
+    taxi_type: str,
+    year: int,
+    month: int,
+    *,
+    model: str | None = None,
+    input_file: str | None = None,
+    output_file: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    kernel_name: str = KERNEL,
+) -> Path:
     """Execute the notebook for one month; the report appears only if every cell ran.
 
     A failed run is kept beside it as `<name>.failed.ipynb` (with the error cell) to debug.
@@ -179,12 +191,18 @@ def run_report(taxi_type: str, year: int, month: int, *, model: str | None = Non
     partial = target.with_name(f".{target.stem}.running.ipynb")
     parameters = {"taxi_type": taxi_type, "year": int(year), "month": int(month)}
     # Only what was given: the notebook's own defaults stay documented in one place.
-    parameters.update({k: v for k, v in {"model": model, "input_file": input_file,
-                                         "output_file": output_file}.items() if v})
+    parameters.update(
+        {k: v for k, v in {"model": model, "input_file": input_file, "output_file": output_file}.items() if v}
+    )
     try:
         papermill.execute_notebook(
-            str(source), str(partial), parameters=parameters, kernel_name=kernel_name,
-            cwd=str(source.parent), progress_bar=False, log_output=False,
+            str(source),
+            str(partial),
+            parameters=parameters,
+            kernel_name=kernel_name,
+            cwd=str(source.parent),
+            progress_bar=False,
+            log_output=False,
         )
     except PapermillExecutionError as exc:
         label = f"{taxi_type} {int(year):04d}-{int(month):02d}"

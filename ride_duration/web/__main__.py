@@ -12,7 +12,9 @@ from .server import ServerError, serve
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ride_duration.web", description="Serve the ride duration model.")
     sub = parser.add_subparsers(dest="command", required=True)
-    cmd = sub.add_parser("serve", help="run gunicorn with gunicorn.conf.py (model from MODEL_URI / MODEL_ID / the registry)")
+    cmd = sub.add_parser(
+        "serve", help="run gunicorn with gunicorn.conf.py (model from MODEL_URI / MODEL_ID / the registry)"
+    )
     cmd.add_argument("--host", default="0.0.0.0")
     cmd.add_argument("--port", type=int, default=WEB_PORT)
     args = parser.parse_args(argv)

@@ -165,8 +165,14 @@ def _new_app(name: str) -> Flask:
     return app
 
 
-def create_app(model=None, model_version: str | None = None, *, runtime: str = "fast",
-               n_jobs: int | None = None, model_uri: str | None = None) -> Flask:
+def create_app(
+    model=None,
+    model_version: str | None = None,
+    *,
+    runtime: str = "fast",
+    n_jobs: int | None = None,
+    model_uri: str | None = None,
+) -> Flask:
     """The prediction service.
 
     model: a fitted pipeline; default: `load_model(model_uri)` from the registry
@@ -196,15 +202,12 @@ def create_app(model=None, model_version: str | None = None, *, runtime: str = "
 
     @app.get("/health")
     def health():
-        return jsonify(status="ok", model_version=version, runtime=app.config["RUNTIME"],
-                       training_data=training_data)
+        return jsonify(status="ok", model_version=version, runtime=app.config["RUNTIME"], training_data=training_data)
 
     @app.post("/predict")
     def predict():
         if not request.is_json:
-            return _error(
-                f"expected Content-Type: application/json, got {request.mimetype or 'none'!r}", 415
-            )
+            return _error(f"expected Content-Type: application/json, got {request.mimetype or 'none'!r}", 415)
         try:
             features, single = validate_rides(parse_json(request.get_data()))
         except InvalidRides as exc:

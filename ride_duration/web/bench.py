@@ -99,16 +99,24 @@ class KeepAliveClient:
         self.sock = None
 
 
-def build_request(host: str, path: str, body: bytes, content_type: str = "application/json",
-                  method: str = "POST") -> bytes:
+def build_request(
+    host: str, path: str, body: bytes, content_type: str = "application/json", method: str = "POST"
+) -> bytes:
     return (
         f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
-def run_load(url: str, payload=EXAMPLE_RIDE, *, connections: int = 8, seconds: float = 5.0,
-             path: str = "/predict", name: str = "") -> LoadResult:
+def run_load(
+    url: str,
+    payload=EXAMPLE_RIDE,
+    *,
+    connections: int = 8,
+    seconds: float = 5.0,
+    path: str = "/predict",
+    name: str = "",
+) -> LoadResult:
     """POST `payload` over `connections` keep-alive connections (one thread each) for `seconds`."""
     host, port = url.removeprefix("http://").split(":")
     raw = build_request(f"{host}:{port}", path, json.dumps(payload).encode())
@@ -150,14 +158,22 @@ def run_load(url: str, payload=EXAMPLE_RIDE, *, connections: int = 8, seconds: f
 SERVERS = {
     "a: project (fast runtime, gunicorn.conf.py)": ("ride_duration.web:create_app()", True, ()),
     "b: 2022 design (sklearn n_jobs=-1, 1 sync worker)": (
-        'ride_duration.web:create_app(runtime="sklearn", n_jobs=-1)', False, ("--workers", "1", "--worker-class", "sync", "--no-control-socket"),
+        'ride_duration.web:create_app(runtime="sklearn", n_jobs=-1)',
+        False,
+        ("--workers", "1", "--worker-class", "sync", "--no-control-socket"),
     ),
     "c: hello world (gunicorn.conf.py)": ("ride_duration.web:create_hello_app()", True, ()),
 }
 
 
-def run_benchmark(seconds: float = 10.0, connections: int = 8, rounds: int = 5, warmup: float = 1.0,
-                  env: dict | None = None, servers: dict = SERVERS) -> list[LoadResult]:
+def run_benchmark(
+    seconds: float = 10.0,
+    connections: int = 8,
+    rounds: int = 5,
+    warmup: float = 1.0,
+    env: dict | None = None,
+    servers: dict = SERVERS,
+) -> list[LoadResult]:
     """Start every server, then load them in turn, `rounds` times `seconds/rounds` each.
 
     Interleaving the rounds spreads any background load on the machine over all
@@ -196,6 +212,8 @@ def format_table(results: list[LoadResult]) -> str:
     if len(results) == 3:
         a, b, c = results
         lines.append("")
-        lines.append(f"a/b = {a.rps / b.rps:.1f}x (target >= 40)   a/c = {a.rps / c.rps:.2f} (target >= 0.5)   "
-                     f"a p99 = {a.percentile(99):.2f} ms (target <= 20)")
+        lines.append(
+            f"a/b = {a.rps / b.rps:.1f}x (target >= 40)   a/c = {a.rps / c.rps:.2f} (target >= 0.5)   "
+            f"a p99 = {a.percentile(99):.2f} ms (target <= 20)"
+        )
     return "\n".join(lines)

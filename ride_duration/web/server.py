@@ -37,8 +37,9 @@ def gunicorn_config_path() -> Path:
     raise ServerError(f"no {CONFIG_NAME} in the checkout or the current folder")
 
 
-def gunicorn_command(app: str = APP_SPEC, *, bind: str | None = None, config: Path | None | bool = True,
-                     args: tuple = ()) -> list[str]:
+def gunicorn_command(
+    app: str = APP_SPEC, *, bind: str | None = None, config: Path | None | bool = True, args: tuple = ()
+) -> list[str]:
     """`python -m gunicorn -c gunicorn.conf.py [--bind ...] [args] APP`.
 
     config=True: the repo's config; a path: that file; None/False: gunicorn's defaults.
@@ -56,12 +57,20 @@ def gunicorn_command(app: str = APP_SPEC, *, bind: str | None = None, config: Pa
 class GunicornServer:
     """A gunicorn process on 127.0.0.1:<port>, started and stopped by its owner.
 
-        with GunicornServer(port=free_port()) as server:
-            requests.post(server.url + "/predict", json=ride)
+    with GunicornServer(port=free_port()) as server:
+        requests.post(server.url + "/predict", json=ride)
     """
 
-    def __init__(self, app: str = APP_SPEC, *, port: int, config: Path | None | bool = True,
-                 args: tuple = (), env: dict | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        app: str = APP_SPEC,
+        *,
+        port: int,
+        config: Path | None | bool = True,
+        args: tuple = (),
+        env: dict | None = None,
+        log_path: Path | None = None,
+    ):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.cmd = gunicorn_command(app, bind=f"127.0.0.1:{port}", config=config, args=args)
@@ -77,8 +86,15 @@ class GunicornServer:
         # Without -c, gunicorn still reads ./gunicorn.conf.py: start it in a neutral folder then.
         cwd = None if "-c" in self.cmd else tempfile.gettempdir()
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env, cwd=cwd, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

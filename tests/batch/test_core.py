@@ -41,11 +41,11 @@ def test_get_paths_year_boundary_and_layout(monkeypatch):
     paths = batch.get_paths(date(2021, 1, 5), "green", RUN_ID)
     assert (paths.year, paths.month) == (2020, 12)
     assert paths.input_file == "https://d37ci6vzurychx.cloudfront.net/trip-data/green_tripdata_2020-12.parquet"
-    assert paths.output_file == (
-        f"s3://nyc-duration-prediction/taxi_type=green/year=2020/month=12/{RUN_ID}.parquet"
-    )
+    assert paths.output_file == (f"s3://nyc-duration-prediction/taxi_type=green/year=2020/month=12/{RUN_ID}.parquet")
     monkeypatch.setenv("BATCH_INPUT_PREFIX", "s3://tlc/trip-data/")
-    assert batch.get_paths("2021-03-02", "green", RUN_ID).input_file == "s3://tlc/trip-data/green_tripdata_2021-02.parquet"
+    assert (
+        batch.get_paths("2021-03-02", "green", RUN_ID).input_file == "s3://tlc/trip-data/green_tripdata_2021-02.parquet"
+    )
 
 
 def test_months_and_run_dates():
@@ -143,14 +143,18 @@ def test_missing_column_is_named(tmp_path, synthetic_months, batch_stack):
     bad = tmp_path / "green_tripdata_2021-02.parquet"
     df.to_parquet(bad)
     paths = batch.month_paths("green", 2021, 2, RUN_ID, input_file=str(bad), output_file=str(tmp_path / "o.parquet"))
-    with pytest.raises(batch.InputUnreadable, match=rf"^green 2021-02: {bad} is missing required column\(s\): trip_distance$"):
+    with pytest.raises(
+        batch.InputUnreadable, match=rf"^green 2021-02: {bad} is missing required column\(s\): trip_distance$"
+    ):
         batch.score_month(paths, _ConstantModel(), RUN_ID)
     assert not (tmp_path / "o.parquet").exists()
 
 
 def test_missing_month_names_month_and_location(batch_stack, s3_input, tmp_path, monkeypatch):
     paths = batch.get_paths("2021-04-02", "green", RUN_ID)
-    with pytest.raises(batch.InputNotFound, match=r"green 2021-03: s3://.*/green_tripdata_2021-03\.parquet does not exist"):
+    with pytest.raises(
+        batch.InputNotFound, match=r"green 2021-03: s3://.*/green_tripdata_2021-03\.parquet does not exist"
+    ):
         batch.score_month(paths, _ConstantModel(), RUN_ID)
     assert not object_exists(paths.output_file)
 
@@ -178,8 +182,9 @@ def test_mirror_input_scores_like_direct_prediction(batch_stack, batch_model, re
     alias = MlflowClient().get_model_version_by_alias(get_settings().model_name, "production")
     assert ref.run_id == alias.run_id and ref.uri == f"models:/{alias.name}/{alias.version}"
     model, version = batch.load_cached_model(ref.uri)
-    paths = dataclasses.replace(batch.get_paths("2021-03-02", "green", ref.run_id),
-                                output_file=str(tmp_path / "feb.parquet"))
+    paths = dataclasses.replace(
+        batch.get_paths("2021-03-02", "green", ref.run_id), output_file=str(tmp_path / "feb.parquet")
+    )
     result = batch.score_month(paths, model, version, batch_size=20_000)
     month = load_training_dataframe(real_data_dir / "green_tripdata_2021-02.parquet")  # the course's 61,921
     expected, rejects = batch.split_rides(month)
@@ -238,8 +243,14 @@ def test_predict_durations_never_lets_invalid_rides_reach_the_model(trained_mode
 # ----------------------------------------------------------------------------- bad rows: rejected, not fatal
 def _feb_paths(tmp_path, input_file, name="out"):
     bucket = get_settings().predictions_bucket
-    return batch.month_paths("green", 2021, 2, RUN_ID, input_file=str(input_file),
-                             output_file=f"s3://{bucket}/rejects-test/{name}/month=02/{RUN_ID}.parquet")
+    return batch.month_paths(
+        "green",
+        2021,
+        2,
+        RUN_ID,
+        input_file=str(input_file),
+        output_file=f"s3://{bucket}/rejects-test/{name}/month=02/{RUN_ID}.parquet",
+    )
 
 
 def _read_s3(uri):
@@ -261,9 +272,12 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
     output, counted in the summary, and a re-run replaces both objects."""
     source = synthetic_months[(2021, 2)]
     kept = rides_of_1_to_60_minutes(source)
-    bad = {kept[10]: {"PULocationID": None}, kept[500]: {"trip_distance": 1e39},
-           **{kept[i]: {"trip_distance": -1.5} for i in (20, 900, 1500)},
-           kept[2000]: {"DOLocationID": 0}}
+    bad = {
+        kept[10]: {"PULocationID": None},
+        kept[500]: {"trip_distance": 1e39},
+        **{kept[i]: {"trip_distance": -1.5} for i in (20, 900, 1500)},
+        kept[2000]: {"DOLocationID": 0},
+    }
     month = month_with_bad_rows(source, tmp_path / "green_tripdata_2021-02.parquet", bad)
     paths = _feb_paths(tmp_path, month)
     pipeline = trained_model["pipeline"]
@@ -280,7 +294,10 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
     rejects = _read_s3(result.rejects_file)
     assert list(rejects.columns) == list(batch.REJECT_COLUMNS)
     assert rejects["row"].tolist() == sorted(bad)
-    assert dict(zip(rejects["row"], rejects["reason"]))[kept[500]] == "field 'trip_distance' must be between 0 and 500 miles"
+    assert (
+        dict(zip(rejects["row"], rejects["reason"]))[kept[500]]
+        == "field 'trip_distance' must be between 0 and 500 miles"
+    )
     assert rejects.loc[rejects["row"] == kept[500], "trip_distance"].item() == 1e39
     assert rejects.loc[rejects["row"] == kept[10], "PULocationID"].isna().all()
 
@@ -303,12 +320,14 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
 
 
 def test_more_than_one_percent_bad_rows_fails_the_month_and_publishes_nothing(
-        batch_stack, trained_model, synthetic_months, tmp_path):
+    batch_stack, trained_model, synthetic_months, tmp_path
+):
     source = synthetic_months[(2021, 2)]
     kept = rides_of_1_to_60_minutes(source)
     n_bad = len(kept) // 50  # 2%
-    month = month_with_bad_rows(source, tmp_path / "green_tripdata_2021-02.parquet",
-                                {row: {"trip_distance": -2.0} for row in kept[:n_bad]})
+    month = month_with_bad_rows(
+        source, tmp_path / "green_tripdata_2021-02.parquet", {row: {"trip_distance": -2.0} for row in kept[:n_bad]}
+    )
     paths = _feb_paths(tmp_path, month, name="too-many")
     share = f"{n_bad / len(kept):.1%}"
     with pytest.raises(batch.TooManyRejects) as info:
@@ -320,8 +339,9 @@ def test_more_than_one_percent_bad_rows_fails_the_month_and_publishes_nothing(
     assert list_keys(get_settings().predictions_bucket, "rejects-test/too-many/") == []
 
     # Just under the limit is still a month: 28 of 2,865 rides (0.98%).
-    at_limit = month_with_bad_rows(source, tmp_path / "limit.parquet",
-                                   {row: {"trip_distance": -2.0} for row in kept[:len(kept) // 100]})
+    at_limit = month_with_bad_rows(
+        source, tmp_path / "limit.parquet", {row: {"trip_distance": -2.0} for row in kept[: len(kept) // 100]}
+    )
     result = batch.score_month(_feb_paths(tmp_path, at_limit, name="at-limit"), trained_model["pipeline"], RUN_ID)
     assert result.rejected == len(kept) // 100 and result.rows == len(kept) - result.rejected
 
@@ -383,9 +403,16 @@ def test_model_carries_its_training_data_provenance(trained_model, tmp_path):
         folder = tmp_path / name
         folder.mkdir()
         skops.io.dump(trained_model["pipeline"], folder / "model.skops")
-        mlmodel = {"run_id": RUN_ID, "flavors": {"sklearn": {"pickled_model": "model.skops",
-                                                             "serialization_format": "skops",
-                                                             "skops_trusted_types": TRUSTED_TYPES}}}
+        mlmodel = {
+            "run_id": RUN_ID,
+            "flavors": {
+                "sklearn": {
+                    "pickled_model": "model.skops",
+                    "serialization_format": "skops",
+                    "skops_trusted_types": TRUSTED_TYPES,
+                }
+            },
+        }
         if metadata:
             mlmodel["metadata"] = metadata
         (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))

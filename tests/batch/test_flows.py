@@ -29,8 +29,9 @@ def _client():
 def test_flow_end_to_end(batch_stack, batch_model, s3_input, synthetic_months):
     from ride_duration.batch.flows import ride_duration_prediction
 
-    state = ride_duration_prediction(taxi_type="green", run_id=batch_model.run_id, run_date="2021-03-02",
-                                     return_state=True)
+    state = ride_duration_prediction(
+        taxi_type="green", run_id=batch_model.run_id, run_date="2021-03-02", return_state=True
+    )
     assert state.is_completed(), state.message
     result = state.result()
     bucket = get_settings().predictions_bucket
@@ -59,8 +60,9 @@ def test_backfill_two_months_runs_months_in_parallel(batch_stack, batch_model, s
 
     from ride_duration.batch.flows import ride_duration_prediction_backfill
 
-    state = ride_duration_prediction_backfill(taxi_type="green", run_id="production",
-                                              start_date="2021-01", end_date="2021-02", return_state=True)
+    state = ride_duration_prediction_backfill(
+        taxi_type="green", run_id="production", start_date="2021-01", end_date="2021-02", return_state=True
+    )
     assert state.is_completed(), state.message
     results = state.result()
     assert [(r["year"], r["month"]) for r in results] == [(2021, 1), (2021, 2)]
@@ -71,14 +73,16 @@ def test_backfill_two_months_runs_months_in_parallel(batch_stack, batch_model, s
     # Each month is its own subflow run of the backfill ...
     backfill_id = state.state_details.flow_run_id
     with _client() as client:
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[backfill_id])))
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[backfill_id]))
+        )
         # The local server commits task runs in batches, at most a second late.
         deadline = time.monotonic() + 15
         while True:
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[backfill_id])))
-            months = sorted((t for t in tasks if t.name.startswith("score-month") and t.end_time),
-                            key=lambda t: t.start_time)
+            months = sorted(
+                (t for t in tasks if t.name.startswith("score-month") and t.end_time), key=lambda t: t.start_time
+            )
             if len(months) == 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -119,8 +123,9 @@ def test_missing_month_fails_clearly_and_writes_nothing(batch_stack, batch_model
     from ride_duration.batch.flows import ride_duration_prediction_backfill
 
     with pytest.raises(RuntimeError) as info:
-        ride_duration_prediction_backfill(taxi_type="green", run_id=batch_model.run_id,
-                                          start_date="2021-02", end_date="2021-03")
+        ride_duration_prediction_backfill(
+            taxi_type="green", run_id=batch_model.run_id, start_date="2021-02", end_date="2021-03"
+        )
     message = str(info.value)
     assert "1 of 2 month(s) failed" in message
     assert f"no input for green 2021-03: {s3_input}/green_tripdata_2021-03.parquet does not exist" in message
@@ -140,10 +145,14 @@ def test_deployment_read_back_and_schedule_preview(batch_stack, batch_model, cap
     assert deployment.name == "monthly"
     assert deployment.tags == ["ml"]
     assert deployment.parameters == {"taxi_type": "green", "run_id": batch_model.run_id}
-    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == [("0 3 2 * *", "UTC", True)]
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == [
+        ("0 3 2 * *", "UTC", True)
+    ]
     after = datetime(2021, 11, 15, tzinfo=UTC)
     assert preview_schedule(3, after=after) == [
-        datetime(2021, 12, 2, 3, 0, tzinfo=UTC), datetime(2022, 1, 2, 3, 0, tzinfo=UTC), datetime(2022, 2, 2, 3, 0, tzinfo=UTC),
+        datetime(2021, 12, 2, 3, 0, tzinfo=UTC),
+        datetime(2022, 1, 2, 3, 0, tzinfo=UTC),
+        datetime(2022, 2, 2, 3, 0, tzinfo=UTC),
     ]
     # The command learners run: it (re)creates the deployment and prints the next 3 runs.
     assert cli.main(["schedule", "--model", batch_model.run_id]) == 0
@@ -193,7 +202,8 @@ def restore_tracking_uri():
 
 
 def test_model_id_and_experiment_id_score_a_month_with_the_tracking_server_down(
-        batch_stack, batch_model, s3_input, monkeypatch, capsys, restore_tracking_uri):
+    batch_stack, batch_model, s3_input, monkeypatch, capsys, restore_tracking_uri
+):
     """MODEL_ID + EXPERIMENT_ID: batch reads the model straight from S3, as the services do;
     the tracking server is never asked (it is down), and outputs are named by the same run id."""
     from ride_duration.batch import cli, core
@@ -215,7 +225,8 @@ def test_model_id_and_experiment_id_score_a_month_with_the_tracking_server_down(
 
 
 def test_alias_with_the_tracking_server_down_fails_in_seconds_naming_it(
-        batch_stack, batch_model, s3_input, monkeypatch, capsys, restore_tracking_uri):
+    batch_stack, batch_model, s3_input, monkeypatch, capsys, restore_tracking_uri
+):
     """Used to fail after 254 s of MLflow's HTTP retries."""
     from ride_duration.batch import cli
 

@@ -25,9 +25,12 @@ def test_papermill_report_with_injected_parameters(batch_stack, batch_model, s3_
 
     nb = nbformat.read(str(report), as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and f"model = \"{batch_model.run_id}\"" in injected[0].source and feb in injected[0].source
-    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
-               for c in nb.cells for o in c.get("outputs", []))  # the histogram of diff
+    assert injected and f'model = "{batch_model.run_id}"' in injected[0].source and feb in injected[0].source
+    assert any(
+        o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+        for c in nb.cells
+        for o in c.get("outputs", [])
+    )  # the histogram of diff
 
     summary = read_summary(report)
     expected = load_training_dataframe(synthetic_months[(2021, 2)])
@@ -45,10 +48,15 @@ def test_papermill_report_with_injected_parameters(batch_stack, batch_model, s3_
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert f"; MLflow: {batch_stack.url('mlflow')}\n" in text  # the servers it used, first thing
     assert f"trained on   {jan.name} (SYNTHETIC, 4,000 rows" in text
-    assert "THIS MODEL WAS TRAINED ON SYNTHETIC DATA (green_tripdata_2021-01.parquet, green_tripdata_2021-02.parquet)" \
+    assert (
+        "THIS MODEL WAS TRAINED ON SYNTHETIC DATA (green_tripdata_2021-01.parquet, green_tripdata_2021-02.parquet)"
         in text
-    assert any("THIS MODEL WAS TRAINED ON SYNTHETIC DATA" in o.get("data", {}).get("text/markdown", "")
-               for c in nb.cells for o in c.get("outputs", []))  # the banner, not only stdout
+    )
+    assert any(
+        "THIS MODEL WAS TRAINED ON SYNTHETIC DATA" in o.get("data", {}).get("text/markdown", "")
+        for c in nb.cells
+        for o in c.get("outputs", [])
+    )  # the banner, not only stdout
 
 
 def test_report_notebook_never_starts_servers_or_trains():
@@ -68,14 +76,16 @@ def test_report_without_production_model_says_make_train(batch_stack, s3_input, 
         run_report("green", 2021, 2, output_dir=tmp_path)
     assert str(excinfo.value) == (
         f"green 2021-02: there is no model ReportWithoutModel@production on the tracking server {tracking}: "
-        "train and promote one with `make train` (python scripts/train.py --promote), then run the report again")
+        "train and promote one with `make train` (python scripts/train.py --promote), then run the report again"
+    )
     assert excinfo.value.__cause__ is None  # the sentence, not papermill's traceback
     assert list(tmp_path.iterdir()) == []
     assert MlflowClient(tracking).search_registered_models("name = 'ReportWithoutModel'") == []
 
 
-def test_report_uses_the_configured_tracking_server_not_the_local_stack(batch_stack, batch_model, tmp_path,
-                                                                        monkeypatch):
+def test_report_uses_the_configured_tracking_server_not_the_local_stack(
+    batch_stack, batch_model, tmp_path, monkeypatch
+):
     """AWS-style settings (no endpoint, MLFLOW_TRACKING_URI elsewhere) while a local stack
     runs: the report talks to the configured server, finds it down and says so."""
     dead = f"http://127.0.0.1:{free_port()}"
@@ -86,7 +96,8 @@ def test_report_uses_the_configured_tracking_server_not_the_local_stack(batch_st
         run_report("green", 2021, 2, output_dir=tmp_path)
     assert str(excinfo.value) == (
         f"green 2021-02: the MLflow tracking server at {dead} is not answering: start the local stack with "
-        "`make services-up`, or point MLFLOW_TRACKING_URI at your server")
+        "`make services-up`, or point MLFLOW_TRACKING_URI at your server"
+    )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -66,8 +66,6 @@ def make_stream(kinesis):
         kinesis.delete_stream(StreamName=name, EnforceConsumerDeletion=True)
 
 
-
-
 @pytest.fixture
 def streams(make_stream, monkeypatch):
     """A fresh input and output stream; the handler writes to the output one, and its

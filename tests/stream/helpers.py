@@ -41,4 +41,3 @@ def stop(proc: subprocess.Popen) -> None:
 def python_env(**extra) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
     return env
-

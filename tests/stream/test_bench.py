@@ -32,7 +32,11 @@ def test_compare_designs_counts_output_calls(kinesis, make_stream, stub_model):
 def test_production_model_s3_is_where_the_registry_points(trained_model, canonical_event):
     where = production_model_s3()
     logged = trained_model["logged"]
-    assert (where["MODEL_ID"], where["EXPERIMENT_ID"], where["uri"]) == (logged.model_id, logged.experiment_id, logged.s3_uri)
+    assert (where["MODEL_ID"], where["EXPERIMENT_ID"], where["uri"]) == (
+        logged.model_id,
+        logged.experiment_id,
+        logged.s3_uri,
+    )
     model, version = load_model(where["uri"])  # what a Lambda with MODEL_ID + EXPERIMENT_ID loads
     response = ModelService(model, version).lambda_handler(canonical_event)
     expected = trained_model["pipeline"].predict([{"PU_DO": "130_205", "trip_distance": 3.66}])[0]

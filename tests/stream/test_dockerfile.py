@@ -63,8 +63,11 @@ def test_base_image_cmd_and_install_steps():
 
 
 def test_copy_sources_exist_and_are_not_ignored():
-    ignored = [line.strip() for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
+    ignored = [
+        line.strip()
+        for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for sources, _ in copies(DOCKERFILE):
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository (build context = repo root)"
@@ -87,11 +90,13 @@ def locked_requirements(tmp_path_factory) -> dict:
         shutil.copy(REPO / name, work / name)
     pipenv = [sys.executable, "-m", "pipenv"]
     env = {**os.environ, "PIPENV_VERBOSITY": "-1", "PIPENV_IGNORE_VIRTUALENVS": "1"}
-    verify = subprocess.run([*pipenv, "verify"], cwd=work, env=env, capture_output=True, text=True, timeout=120,
-                            check=False)
+    verify = subprocess.run(
+        [*pipenv, "verify"], cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    reqs = subprocess.run([*pipenv, "requirements"], cwd=work, env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
+    reqs = subprocess.run(
+        [*pipenv, "requirements"], cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert reqs.returncode == 0, reqs.stderr
     pins = {}
     for line in reqs.stdout.splitlines():
@@ -131,17 +136,40 @@ def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy(src, target / src.name)
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "-w", str(wheels), str(build)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(build)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     fresh = tmp_path / "fresh"
     venv.create(fresh, with_pip=False, system_site_packages=False)
     py = fresh / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
-                    "--no-index", str(next(wheels.glob("*.whl")))], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(next(wheels.glob("*.whl"))),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     # The locked third-party packages (the `pipenv install --system` layer) come from this
     # environment through a plain path line: its editable finder for the repo is not run.
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(site, "locked_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     task_root = tmp_path / "task"
     task_root.mkdir()
@@ -151,8 +179,15 @@ def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path
         "print(json.dumps({'file': ride_duration.__file__,"
         " 'same': lambda_function.lambda_handler is s.lambda_handler}))"
     )
-    out = subprocess.run([str(py), "-c", check], cwd=task_root, capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, check=False)
+    out = subprocess.run(
+        [str(py), "-c", check],
+        cwd=task_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["same"] is True

@@ -25,8 +25,11 @@ def test_canonical_event_stub_model(canonical_event, stub_model):
     written = []
     service = ModelService(stub_model, "v1", callbacks=[written.append])
     response = service.lambda_handler(canonical_event, None)
-    expected = {"model": "ride_duration_prediction_model", "version": "v1",
-                "prediction": {"ride_duration": 3.66, "ride_id": 256}}
+    expected = {
+        "model": "ride_duration_prediction_model",
+        "version": "v1",
+        "prediction": {"ride_duration": 3.66, "ride_id": 256},
+    }
     assert response == {"predictions": [expected]}  # no batchItemFailures key when all succeed
     assert written == [[expected]]
     assert stub_model.calls == [[{"PU_DO": "130_205", "trip_distance": 3.66}]]
@@ -60,24 +63,38 @@ POISONS = {
     "not-utf8": (base64.b64encode(b"\xff\xfe").decode(), "kinesis.data is not JSON"),
     "not-an-object": (encode_data([1, 2]), "must be a JSON object"),
     "deep-json": (raw("[" * 50_000 + "]" * 50_000), "nested too deeply"),
-    "5000-digit-ride-id": (raw('{"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": '
-                               + "7" * 5000 + "}"), "Exceeds the limit (4300 digits)"),
+    "5000-digit-ride-id": (
+        raw('{"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": ' + "7" * 5000 + "}"),
+        "Exceeds the limit (4300 digits)",
+    ),
     "no-ride": ({"ride_id": 7}, "field 'ride' is missing"),
-    "no-ride-id": ({"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}},
-                   "field 'ride_id' is missing"),
-    "dict-ride-id": ({"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": {"a": 1}},
-                     "must be a string or an integer"),
-    "long-ride-id": ({"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": "x" * 257},
-                     "1 to 256 characters"),
-    "300-digit-ride-id": (raw('{"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": '
-                              + "9" * 300 + "}"), "1 to 256 characters"),
-    "surrogate-ride-id": (raw('{"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}, '
-                              '"ride_id": "\\ud800"}'), "not valid Unicode"),
+    "no-ride-id": (
+        {"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}},
+        "field 'ride_id' is missing",
+    ),
+    "dict-ride-id": (
+        {"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": {"a": 1}},
+        "must be a string or an integer",
+    ),
+    "long-ride-id": (
+        {"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": "x" * 257},
+        "1 to 256 characters",
+    ),
+    "300-digit-ride-id": (
+        raw('{"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": ' + "9" * 300 + "}"),
+        "1 to 256 characters",
+    ),
+    "surrogate-ride-id": (
+        raw('{"ride": {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": "\\ud800"}'),
+        "not valid Unicode",
+    ),
     "missing-field": ({"ride": {"PULocationID": 1, "trip_distance": 1.0}, "ride_id": 8}, "'DOLocationID' is missing"),
     "string-distance": (ride(9, distance="far"), "must be a number, got 'far'"),
     "bool-distance": (ride(10, distance=True), "must be a number, got True"),
-    "fractional-zone": ({"ride": {"PULocationID": 1.5, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": 11},
-                        "must be an integer"),
+    "fractional-zone": (
+        {"ride": {"PULocationID": 1.5, "DOLocationID": 2, "trip_distance": 1.0}, "ride_id": 11},
+        "must be an integer",
+    ),
     "zone-0": (ride(12, PULocationID=0), "'PULocationID' must be a TLC zone id between 1 and 265, got 0"),
     "zone-9999": (ride(13, DOLocationID=9999), "'DOLocationID' must be a TLC zone id between 1 and 265, got 9999"),
     "distance-minus-5": (ride(14, distance=-5), "between 0 and 500 miles, got -5"),
@@ -151,7 +168,8 @@ def test_ride_the_model_fails_on_is_dead_lettered_others_predicted():
     model = PickyModel(poison=3.0)
     response = ModelService(model, "v", dead_letters=letters).lambda_handler(event)
     assert [p["prediction"] for p in response["predictions"]] == [
-        {"ride_duration": 2.0 * i, "ride_id": i} for i in (0, 1, 2, 4)]
+        {"ride_duration": 2.0 * i, "ride_id": i} for i in (0, 1, 2, 4)
+    ]
     ((seq, reason),) = letters.letters
     assert seq == "3" and reason.startswith("the model failed on this ride: ValueError: Input X contains infinity")
     assert "batchItemFailures" not in response
@@ -232,7 +250,9 @@ def test_constant_handler(canonical_event):
     event["Records"].append(make_record(ride(2), "x"))
     response = constant_handler(event, None)
     assert [p["prediction"] for p in response["predictions"]] == [
-        {"ride_duration": 10.0, "ride_id": 256}, {"ride_duration": 10.0, "ride_id": 2}]
+        {"ride_duration": 10.0, "ride_id": 256},
+        {"ride_duration": 10.0, "ride_id": 2},
+    ]
 
 
 def test_model_loaded_once_per_container(monkeypatch, canonical_event, stub_model):

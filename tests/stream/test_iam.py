@@ -102,8 +102,9 @@ def recording(*clients):
             client.meta.events.unregister("before-parameter-build.*.*", record)
 
 
-def test_policies_grant_what_the_function_and_its_event_source_call(kinesis, s3, streams, stub_model, settings,
-                                                                    tmp_path):
+def test_policies_grant_what_the_function_and_its_event_source_call(
+    kinesis, s3, streams, stub_model, settings, tmp_path
+):
     """The handler (PutRecords, a dead letter) under the runner (what the event source mapping calls),
     including a batch that ends at the on-failure destination. Names are mapped to the deployed ones."""
     deployed = dataclasses.replace(settings, dead_letter_uri=None, input_stream=config.INPUT_STREAM)
@@ -111,12 +112,19 @@ def test_policies_grant_what_the_function_and_its_event_source_call(kinesis, s3,
     service = ModelService(stub_model, "v", [KinesisWriter(streams["output"], kinesis)], dead_letters=dead_letters)
     put_payloads(kinesis, streams["input"], [ride_payload(0), b"not json", ride_payload(2)])
     with recording(kinesis, s3) as calls:
-        EventSourceRunner(service.lambda_handler, streams["input"], client=kinesis, s3=s3,
-                          checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True)
+        EventSourceRunner(
+            service.lambda_handler, streams["input"], client=kinesis, s3=s3, checkpoint=Checkpoint(tmp_path / "cp.json")
+        ).run(once=True)
     put_payloads(kinesis, streams["input"], [ride_payload(3)])
     with recording(kinesis, s3) as failing_calls:
-        EventSourceRunner(lambda event, context: 1 / 0, streams["input"], client=kinesis, s3=s3, max_retries=0,
-                          checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True)
+        EventSourceRunner(
+            lambda event, context: 1 / 0,
+            streams["input"],
+            client=kinesis,
+            s3=s3,
+            max_retries=0,
+            checkpoint=Checkpoint(tmp_path / "cp.json"),
+        ).run(once=True)
 
     names = {streams["input"]: config.INPUT_STREAM, streams["output"]: config.PREDICTIONS_STREAM}
     checked = set()
@@ -130,10 +138,18 @@ def test_policies_grant_what_the_function_and_its_event_source_call(kinesis, s3,
             resource = f"arn:aws:kinesis:REGION:ACCOUNT_ID:stream/{config.INPUT_STREAM}"
         assert allowed(action, resource), (action, resource)
         checked.add(action)
-    assert {"kinesis:GetRecords", "kinesis:GetShardIterator", "kinesis:ListShards", "kinesis:DescribeStreamSummary",
-            "kinesis:PutRecords", "s3:PutObject"} <= checked
+    assert {
+        "kinesis:GetRecords",
+        "kinesis:GetShardIterator",
+        "kinesis:ListShards",
+        "kinesis:DescribeStreamSummary",
+        "kinesis:PutRecords",
+        "s3:PutObject",
+    } <= checked
     assert sum(action == "s3:PutObject" and "/failures/" not in f"/{params['Key']}" for action, params in calls) == 1
     assert any(action == "s3:PutObject" and params["Key"].startswith("failures/") for action, params in failing_calls)
     # the default dead-letter location is the one the policy allows
-    assert allowed("s3:PutObject", "arn:aws:s3:::{}/{}x.json".format(
-        *deployed.dead_letter_prefix.removeprefix("s3://").split("/", 1)))
+    assert allowed(
+        "s3:PutObject",
+        "arn:aws:s3:::{}/{}x.json".format(*deployed.dead_letter_prefix.removeprefix("s3://").split("/", 1)),
+    )

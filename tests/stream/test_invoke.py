@@ -28,15 +28,24 @@ def expected_minutes(trained_model, pu=130, do=205, distance=3.66) -> float:
 
 
 def test_course_test_docker_script(invoke_url, trained_model):
-    proc = subprocess.run([PYTHON, str(REPO / "scripts" / "test_docker.py"), "--url", invoke_url],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "scripts" / "test_docker.py"), "--url", invoke_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     response = json.loads(proc.stdout)
-    assert response == {"predictions": [{
-        "model": "ride_duration_prediction_model",
-        "version": trained_model["logged"].run_id,
-        "prediction": {"ride_duration": pytest.approx(expected_minutes(trained_model)), "ride_id": 256},
-    }]}
+    assert response == {
+        "predictions": [
+            {
+                "model": "ride_duration_prediction_model",
+                "version": trained_model["logged"].run_id,
+                "prediction": {"ride_duration": pytest.approx(expected_minutes(trained_model)), "ride_id": 256},
+            }
+        ]
+    }
 
 
 def record_with(canonical_event, seq: str, data: str) -> dict:
@@ -59,14 +68,18 @@ def test_bad_record_over_http_is_dead_lettered(invoke_url, canonical_event):
 
 def test_issue_repro_out_of_range_distance_costs_no_other_ride(invoke_url, canonical_event, trained_model):
     """Issue 11: {"Records": [<trip_distance 1e308>, <valid>]} answered 200 with X-Amz-Function-Error: Unhandled."""
-    far = record_with(canonical_event, "1", encode_data(
-        {"ride": {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 1e308}, "ride_id": 1}))
+    far = record_with(
+        canonical_event,
+        "1",
+        encode_data({"ride": {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 1e308}, "ride_id": 1}),
+    )
     valid = record_with(canonical_event, "2", canonical_event["Records"][0]["kinesis"]["data"])
     response = requests.post(invoke_url, json={"Records": [far, valid]}, timeout=30)
     assert response.status_code == 200 and "X-Amz-Function-Error" not in response.headers
     body = response.json()
     assert [p["prediction"] for p in body["predictions"]] == [
-        {"ride_duration": pytest.approx(expected_minutes(trained_model)), "ride_id": 256}]
+        {"ride_duration": pytest.approx(expected_minutes(trained_model)), "ride_id": 256}
+    ]
     (dead,) = body["deadLetters"]
     assert dead["itemIdentifier"] == "1"
     assert "field 'trip_distance' must be between 0 and 500 miles, got 1e+308" in dead["reason"]
@@ -97,20 +110,34 @@ def test_function_error_answers_like_lambda(invoke_url, canonical_event):
     assert again.status_code == 200 and "X-Amz-Function-Error" not in again.headers
 
 
-def test_invoke_server_writes_predictions_and_dead_letters(trained_model, kinesis, make_stream, canonical_event,
-                                                           settings):
+def test_invoke_server_writes_predictions_and_dead_letters(
+    trained_model, kinesis, make_stream, canonical_event, settings
+):
     """Without TEST_RUN the module-level handler writes each prediction event to PREDICTIONS_STREAM_NAME
     and each unscorable record to DEAD_LETTER_URI."""
     out = make_stream("invoke-out")
     dead_letter_uri = f"s3://{settings.predictions_bucket}/dead-letter/{out}/"
     port = free_port()
-    proc = start_invoke_server(port, test_run=False,
-                               env={"PREDICTIONS_STREAM_NAME": out, "DEAD_LETTER_URI": dead_letter_uri})
+    proc = start_invoke_server(
+        port, test_run=False, env={"PREDICTIONS_STREAM_NAME": out, "DEAD_LETTER_URI": dead_letter_uri}
+    )
     try:
-        event = {"Records": [canonical_event["Records"][0],
-                             record_with(canonical_event, "2", encode_data(ride_payload(1))),
-                             record_with(canonical_event, "3", encode_data({"ride": {"PULocationID": 9999,
-                                         "DOLocationID": 1, "trip_distance": 1.0}, "ride_id": "zone-9999"}))]}
+        event = {
+            "Records": [
+                canonical_event["Records"][0],
+                record_with(canonical_event, "2", encode_data(ride_payload(1))),
+                record_with(
+                    canonical_event,
+                    "3",
+                    encode_data(
+                        {
+                            "ride": {"PULocationID": 9999, "DOLocationID": 1, "trip_distance": 1.0},
+                            "ride_id": "zone-9999",
+                        }
+                    ),
+                ),
+            ]
+        }
         response = requests.post(f"http://127.0.0.1:{port}{INVOKE_PATH}", json=event, timeout=30)
         assert response.status_code == 200
     finally:
@@ -121,5 +148,6 @@ def test_invoke_server_writes_predictions_and_dead_letters(trained_model, kinesi
     (letter,) = read_dead_letters(dead_letter_uri)
     assert letter["uri"] == f"{dead_letter_uri}shardId-000000000000/3.json"
     assert "'PULocationID' must be a TLC zone id between 1 and 265, got 9999" in letter["reason"]
-    assert response.json()["deadLetters"] == [{"itemIdentifier": "3", "reason": letter["reason"],
-                                               "location": letter["uri"]}]
+    assert response.json()["deadLetters"] == [
+        {"itemIdentifier": "3", "reason": letter["reason"], "location": letter["uri"]}
+    ]

@@ -28,8 +28,10 @@ def ride_bytes(i: int, **ride) -> bytes:
 
 # position in the batch -> (bytes put on the stream, part of the reason expected)
 POISONED = {
-    3: (b'{"ride": {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}, "ride_id": '
-        + b"7" * 5000 + b"}", "Exceeds the limit (4300 digits)"),
+    3: (
+        b'{"ride": {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}, "ride_id": ' + b"7" * 5000 + b"}",
+        "Exceeds the limit (4300 digits)",
+    ),
     11: (b'{"ride_id": 11, "ride": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
     19: (ride_bytes(19, trip_distance=3.5e38), "must be between 0 and 500 miles, got 3.5e+38"),
     27: (ride_bytes(27, trip_distance=1e308), "must be between 0 and 500 miles, got 1e+308"),
@@ -45,11 +47,13 @@ POISONED = {
 def corrupting(handler):
     """Kinesis always hands Lambda valid base64; this wrapper breaks the base64 of one record,
     as a damaged or hand-made event would."""
+
     def wrapped(event, context):
         for record in event["Records"]:
             if base64.b64decode(record["kinesis"]["data"]) == CORRUPT:
                 record["kinesis"]["data"] = "%%% not base64 %%%"
         return handler(event, context)
+
     return wrapped
 
 

@@ -36,12 +36,21 @@ def failures_in(s3, bucket: str, stream_name: str) -> list[dict]:
 def test_lambda_record_shape(kinesis, streams, tmp_path):
     (seq,) = put_payloads(kinesis, streams["input"], [ride_payload(0)])
     runner = EventSourceRunner(lambda e, c: {}, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json"))
-    it = kinesis.get_shard_iterator(StreamName=streams["input"], ShardId="shardId-000000000000",
-                                    ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+    it = kinesis.get_shard_iterator(
+        StreamName=streams["input"], ShardId="shardId-000000000000", ShardIteratorType="TRIM_HORIZON"
+    )["ShardIterator"]
     (raw,) = kinesis.get_records(ShardIterator=it)["Records"]
     record = stream.lambda_record(raw, "shardId-000000000000", runner.stream_arn, "eu-west-1")
-    assert set(record) == {"kinesis", "eventSource", "eventVersion", "eventID", "eventName",
-                           "invokeIdentityArn", "awsRegion", "eventSourceARN"}
+    assert set(record) == {
+        "kinesis",
+        "eventSource",
+        "eventVersion",
+        "eventID",
+        "eventName",
+        "invokeIdentityArn",
+        "awsRegion",
+        "eventSourceARN",
+    }
     assert record["eventID"] == f"shardId-000000000000:{seq}"
     assert record["eventSourceARN"].endswith(f":stream/{streams['input']}")
     assert record["kinesis"]["kinesisSchemaVersion"] == "1.0" and record["kinesis"]["sequenceNumber"] == seq
@@ -70,14 +79,16 @@ def test_end_to_end_registered_model(trained_model, kinesis, s3, streams, settin
     pipeline = trained_model["pipeline"]
     first = next(e for e in out if e["prediction"]["ride_id"] == "ride-0")
     ride = payloads[0]["ride"]
-    expected = pipeline.predict([{"PU_DO": f"{ride['PULocationID']}_{ride['DOLocationID']}",
-                                  "trip_distance": ride["trip_distance"]}])[0]
+    expected = pipeline.predict(
+        [{"PU_DO": f"{ride['PULocationID']}_{ride['DOLocationID']}", "trip_distance": ride["trip_distance"]}]
+    )[0]
     assert first["prediction"]["ride_duration"] == pytest.approx(expected)
     assert first["model"] == "ride_duration_prediction_model" and first["version"] == service.version
 
     letters = read_dead_letters(get_settings().dead_letter_prefix)
     assert sorted((letter["kinesis"]["sequenceNumber"] for letter in letters), key=int) == [
-        seqs[i] for i in sorted(poisoned)]
+        seqs[i] for i in sorted(poisoned)
+    ]
     assert all("field 'trip_distance' must be a number, got 'far'" in letter["reason"] for letter in letters)
     assert failures_in(s3, settings.predictions_bucket, streams["input"]) == []
     assert checkpoint.get("shardId-000000000000") == seqs[-1]
@@ -156,14 +167,25 @@ def test_retry_starts_at_lowest_failed_and_resends_later_successes(kinesis, stre
     assert checkpoint_at_retry == [seqs[1]]  # saved just before the lowest failed record
     assert writer.calls == [[f"ride-{i}" for i in range(5)], ["ride-2", "ride-3", "ride-4"]]
     assert Counter(e["prediction"]["ride_id"] for e in writer.written) == {
-        "ride-0": 1, "ride-1": 1, "ride-2": 1, "ride-3": 2, "ride-4": 2}
+        "ride-0": 1,
+        "ride-1": 1,
+        "ride-2": 1,
+        "ride-3": 2,
+        "ride-4": 2,
+    }
     assert stats.failed_records == 0 and checkpoint.get("shardId-000000000000") == seqs[-1]
 
 
-@pytest.mark.parametrize("items", [
-    [{"itemIdentifier": ""}], [{"itemIdentifier": None}], [{"itemId": "1"}], [{"itemIdentifier": "no-such-seq"}],
-    ["1"],
-])
+@pytest.mark.parametrize(
+    "items",
+    [
+        [{"itemIdentifier": ""}],
+        [{"itemIdentifier": None}],
+        [{"itemId": "1"}],
+        [{"itemIdentifier": "no-such-seq"}],
+        ["1"],
+    ],
+)
 def test_bad_item_identifier_fails_the_whole_batch(items, kinesis, streams, tmp_path):
     seen = []
 
@@ -185,8 +207,9 @@ def test_exhausted_retries_send_the_failing_part_to_the_destination(kinesis, s3,
         return {"batchItemFailures": [{"itemIdentifier": seqs[2]}]}
 
     checkpoint = Checkpoint(tmp_path / "cp.json")
-    stats = EventSourceRunner(always_fails_record_2, streams["input"], checkpoint=checkpoint,
-                              max_retries=2).run(once=True)
+    stats = EventSourceRunner(always_fails_record_2, streams["input"], checkpoint=checkpoint, max_retries=2).run(
+        once=True
+    )
     assert seen == [seqs, seqs[2:], seqs[2:]]
     (failure,) = failures_in(s3, settings.predictions_bucket, streams["input"])
     info = failure["KinesisBatchInfo"]
@@ -213,8 +236,10 @@ def test_recreated_stream_is_read_from_trim_horizon(kinesis, streams, stub_model
     """`stream run --once` (checkpoint at 5) -> the stream is created again -> 3 new rides -> all 3 delivered."""
     handler, written = collecting_handler(stub_model)
     seqs = put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(5)])
-    assert EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(
-        once=True).records == 5
+    assert (
+        EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True).records
+        == 5
+    )
     assert Checkpoint(tmp_path / "cp.json").get("shardId-000000000000") == seqs[-1] == "5"
     recreate(kinesis, streams["input"])
     put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(100, 103)])
@@ -225,8 +250,9 @@ def test_recreated_stream_is_read_from_trim_horizon(kinesis, streams, stub_model
     assert "deleted and created again" in caplog.text
     saved = Checkpoint(tmp_path / "cp.json")
     assert saved.get("shardId-000000000000") == "3"
-    assert saved.stream == stream_identity(kinesis.describe_stream_summary(StreamName=streams["input"])[
-        "StreamDescriptionSummary"])
+    assert saved.stream == stream_identity(
+        kinesis.describe_stream_summary(StreamName=streams["input"])["StreamDescriptionSummary"]
+    )
 
 
 def test_runner_made_before_the_restart_notices_it(kinesis, streams, stub_model, tmp_path):
@@ -241,23 +267,26 @@ def test_runner_made_before_the_restart_notices_it(kinesis, streams, stub_model,
             recreate(kinesis, streams["input"])
             put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(100, 103)])
 
-    runner = EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json"),
-                               poll_interval=0.01, sleep=sleep)
+    runner = EventSourceRunner(
+        handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json"), poll_interval=0.01, sleep=sleep
+    )
     stats = runner.run(max_batches=2)
     assert (stats.batches, stats.records) == (2, 8)
     assert [e["prediction"]["ride_id"] for e in written] == [f"ride-{i}" for i in (0, 1, 2, 3, 4, 100, 101, 102)]
 
 
 @pytest.mark.parametrize("with_identity", [False, True], ids=["file-without-stream", "file-of-this-stream"])
-def test_checkpoint_beyond_the_shard_is_read_from_trim_horizon(with_identity, kinesis, streams, stub_model,
-                                                              tmp_path, caplog):
+def test_checkpoint_beyond_the_shard_is_read_from_trim_horizon(
+    with_identity, kinesis, streams, stub_model, tmp_path, caplog
+):
     """After a crash of the local Kinesis the checkpoint said 600; a fresh stream with 5 records delivers all 5."""
     handler, written = collecting_handler(stub_model)
     put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(5)])
     saved = {"shards": {"shardId-000000000000": "600"}}
     if with_identity:  # the range check alone catches it
-        saved["stream"] = stream_identity(kinesis.describe_stream_summary(StreamName=streams["input"])[
-            "StreamDescriptionSummary"])
+        saved["stream"] = stream_identity(
+            kinesis.describe_stream_summary(StreamName=streams["input"])["StreamDescriptionSummary"]
+        )
     (tmp_path / "cp.json").write_text(json.dumps(saved))
     stats = EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True)
     assert stats.records == 5
@@ -271,18 +300,33 @@ def test_checkpoint_at_the_last_record_resumes_after_it(kinesis, streams, stub_m
     handler, written = collecting_handler(stub_model)
     put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(3)])
     EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True)
-    assert EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(
-        once=True).records == 0
+    assert (
+        EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True).records
+        == 0
+    )
     put_payloads(kinesis, streams["input"], [ride_payload(3)])
-    assert EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(
-        once=True).records == 1
+    assert (
+        EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json")).run(once=True).records
+        == 1
+    )
     assert [e["prediction"]["ride_id"] for e in written] == [f"ride-{i}" for i in range(4)]
     assert "TRIM_HORIZON" not in caplog.text
 
 
 def _runner(streams, checkpoint, *extra) -> subprocess.Popen:
-    cmd = [PYTHON, "-m", "ride_duration.stream", "run", "--stream", streams["input"],
-           "--checkpoint", str(checkpoint), "--poll-interval", "0.2", *extra]
+    cmd = [
+        PYTHON,
+        "-m",
+        "ride_duration.stream",
+        "run",
+        "--stream",
+        streams["input"],
+        "--checkpoint",
+        str(checkpoint),
+        "--poll-interval",
+        "0.2",
+        *extra,
+    ]
     return subprocess.Popen(cmd, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -312,8 +356,10 @@ def test_sigkill_mid_stream_no_skip_no_repeat(trained_model, kinesis, s3, settin
     proc = _runner(streams, checkpoint, "--once")
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
-    assert "processed 90 record(s) in 1 batch(es); 1 dead-lettered by the function; " \
-           "0 sent to the failure destination" in output
+    assert (
+        "processed 90 record(s) in 1 batch(es); 1 dead-lettered by the function; "
+        "0 sent to the failure destination" in output
+    )
 
     out = read_stream(kinesis, streams["output"])
     ids = Counter(e["prediction"]["ride_id"] for e in out)
@@ -325,9 +371,24 @@ def test_sigkill_mid_stream_no_skip_no_repeat(trained_model, kinesis, s3, settin
 
 
 def test_runner_cli_missing_stream_fails_with_sentence(stack, tmp_path):
-    proc = subprocess.run([PYTHON, "-m", "ride_duration.stream", "run", "--stream", "no-such-stream", "--once",
-                           "--checkpoint", str(tmp_path / "cp.json")],
-                          env=python_env(), capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ride_duration.stream",
+            "run",
+            "--stream",
+            "no-such-stream",
+            "--once",
+            "--checkpoint",
+            str(tmp_path / "cp.json"),
+        ],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "error:" in proc.stderr and "no-such-stream" in proc.stderr
 

@@ -12,17 +12,26 @@ from .helpers import PYTHON, python_env
 
 
 def run_script(name: str, *args, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, str(REPO / "scripts" / name), *args], env=python_env(**env),
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [PYTHON, str(REPO / "scripts" / name), *args],
+        env=python_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_put_ride_event(kinesis, make_stream):
     name = make_stream("put")
-    proc = run_script("put_ride_event.py", "--stream", name, "--ride-id", "256", "--pu", "130", "--do", "205",
-                      "--distance", "3.66")
+    proc = run_script(
+        "put_ride_event.py", "--stream", name, "--ride-id", "256", "--pu", "130", "--do", "205", "--distance", "3.66"
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["ShardId"] == "shardId-000000000000"
-    proc = run_script("put_ride_event.py", "--stream", name, "--ride-id", "x1", "--data", '{"ride": {}, "ride_id": "x1"}')
+    proc = run_script(
+        "put_ride_event.py", "--stream", name, "--ride-id", "x1", "--data", '{"ride": {}, "ride_id": "x1"}'
+    )
     assert proc.returncode == 0, proc.stderr
     assert read_stream(kinesis, name) == [
         {"ride": {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}, "ride_id": 256},
@@ -56,7 +65,11 @@ def test_read_dead_letters(s3, settings, make_stream):
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.splitlines()
     assert json.loads(line) | {"time": None} == {
-        "uri": f"{uri}shardId-000000000000/41.json", "time": None, "reason": "kinesis.data is not JSON: Expecting value",
-        "sequenceNumber": "41", "data": record["kinesis"]["data"]}
+        "uri": f"{uri}shardId-000000000000/41.json",
+        "time": None,
+        "reason": "kinesis.data is not JSON: Expecting value",
+        "sequenceNumber": "41",
+        "data": record["kinesis"]["data"],
+    }
     proc = run_script("read_predictions.py", "--dead-letters", "s3://no-such-bucket-here/x/")
     assert proc.returncode == 1 and "could not read the dead letters under s3://no-such-bucket-here/x/" in proc.stderr

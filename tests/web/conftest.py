@@ -51,8 +51,13 @@ def offline_model(stack, tmp_path_factory, synthetic_months):
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # back to the session stack
         own._stop("mlflow")  # only the tracking server: S3 stays up
         assert not own.healthy("mlflow")
-        env = {**own.env(), "MODEL_ID": logged.model_id, "EXPERIMENT_ID": logged.experiment_id,
-               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+        env = {
+            **own.env(),
+            "MODEL_ID": logged.model_id,
+            "EXPERIMENT_ID": logged.experiment_id,
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+        }
         yield {"env": env, "logged": logged, "pipeline": result.pipeline, "stack": own}
     finally:
         own.down()

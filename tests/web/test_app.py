@@ -36,8 +36,10 @@ def test_single_ride_contract(client, trained_model):
 
 
 def test_list_keeps_order_and_values(client, trained_model):
-    rides = [{"PULocationID": pu, "DOLocationID": do, "trip_distance": d}
-             for pu, do, d in [(130, 205, 3.66), (1, 265, 0.0), (74, 75, 12.5), (43, 151, 1.2)]]
+    rides = [
+        {"PULocationID": pu, "DOLocationID": do, "trip_distance": d}
+        for pu, do, d in [(130, 205, 3.66), (1, 265, 0.0), (74, 75, 12.5), (43, 151, 1.2)]
+    ]
     response = client.post("/predict", json=rides)
     assert response.status_code == 200
     body = response.get_json()
@@ -70,8 +72,10 @@ def test_health(client):
 def test_health_shows_the_training_data(trained_model):
     """/health says what the model was trained on: `load_model` sets `training_data` on the model."""
     model = copy.deepcopy(trained_model["pipeline"])  # the session's pipeline stays as it is
-    model.training_data = {"synthetic": False, "files": [{"name": "green_tripdata_2021-01.parquet",
-                                                          "sha256": "ab" * 32}]}
+    model.training_data = {
+        "synthetic": False,
+        "files": [{"name": "green_tripdata_2021-01.parquet", "sha256": "ab" * 32}],
+    }
     health = create_app(model, model_version="v").test_client().get("/health").get_json()
     assert health["training_data"] == model.training_data
     vars(model).pop("training_data")  # a model of unknown provenance
@@ -105,7 +109,11 @@ def test_loads_from_registry_once(trained_model, monkeypatch):
         ({**RIDE, "trip_distance": -1}, 400, "'trip_distance' must be between 0 and 500 miles, got -1"),
         ({**RIDE, "trip_distance": 1e9}, 400, "'trip_distance' must be between 0 and 500 miles"),
         # the value as the client sent it, not rounded to "got 500"
-        ({**RIDE, "trip_distance": 500.0000001}, 400, "'trip_distance' must be between 0 and 500 miles, got 500.0000001"),
+        (
+            {**RIDE, "trip_distance": 500.0000001},
+            400,
+            "'trip_distance' must be between 0 and 500 miles, got 500.0000001",
+        ),
         ([], 400, "expected at least one ride"),
         ([RIDE, {**RIDE, "trip_distance": None}], 400, "ride 1: field 'trip_distance' is missing"),
         ([RIDE] * (MAX_RIDES + 1), 400, f"at most {MAX_RIDES} rides per request"),
@@ -140,13 +148,19 @@ def test_bad_json(client, data, words):
 
 def test_http_errors_are_json(client):
     cases = [
-        (client.post("/predict", data="PULocationID=130", content_type="application/x-www-form-urlencoded"), 415,
-         "expected Content-Type: application/json"),
+        (
+            client.post("/predict", data="PULocationID=130", content_type="application/x-www-form-urlencoded"),
+            415,
+            "expected Content-Type: application/json",
+        ),
         (client.get("/predict"), 405, "method GET is not allowed on /predict"),
         (client.post("/health"), 405, "method POST is not allowed"),
         (client.get("/nope"), 404, "no such endpoint '/nope'"),
-        (client.post("/predict", data=b"x" * (MAX_CONTENT_LENGTH + 1), content_type="application/json"), 413,
-         f"larger than {MAX_CONTENT_LENGTH} bytes"),
+        (
+            client.post("/predict", data=b"x" * (MAX_CONTENT_LENGTH + 1), content_type="application/json"),
+            413,
+            f"larger than {MAX_CONTENT_LENGTH} bytes",
+        ),
     ]
     for response, status, words in cases:
         assert response.status_code == status

@@ -34,7 +34,9 @@ IGNORE = REPO / "docker/web-service/Dockerfile.dockerignore"
 
 def parse_dockerfile(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """[(INSTRUCTION, arguments)] with comments dropped and continuations joined."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in path.read_text().splitlines() if not l.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n", " ", "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
+    )
     out = []
     for line in text.splitlines():
         if line.strip():
@@ -64,7 +66,7 @@ def copy_sources() -> list[tuple[list[str], str]]:
 
 
 def ignored(name: str) -> bool:
-    patterns = [l.strip() for l in IGNORE.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    patterns = [ln.strip() for ln in IGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name, p.removeprefix("**/")) for p in patterns)
 
 
@@ -74,7 +76,7 @@ def test_base_user_port_and_healthcheck():
     assert users and users[-1] not in ("root", "0")
     assert args_of("EXPOSE") == [str(WEB_PORT)]
     health = args_of("HEALTHCHECK")[0]
-    command = exec_form(health[health.index("CMD") + 3:].strip())
+    command = exec_form(health[health.index("CMD") + 3 :].strip())
     assert command[:2] == ["python", "-c"] and "curl" not in health
     compile(command[2], "healthcheck", "exec")  # valid Python
     assert f"http://127.0.0.1:{WEB_PORT}/health" in command[2]
@@ -121,12 +123,20 @@ def image_venv(tmp_path_factory):
     root = tmp_path_factory.mktemp("image")
     venv, workdir = root / "venv", root / "app"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(venv),
-           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIPENV_VERBOSITY": "-1"}
+    env = {
+        **os.environ,
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "VIRTUAL_ENV": str(venv),
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIPENV_VERBOSITY": "-1",
+    }
     for var in ("PYTHONPATH", "PIPENV_ACTIVE", "PIP_REQUIRE_VIRTUALENV"):
         env.pop(var, None)
+
     # The image's paths, moved under `root`.
-    where = lambda path: workdir / path if not path.startswith("/") else root / path.lstrip("/")
+    def where(path: str) -> Path:
+        return workdir / path if not path.startswith("/") else root / path.lstrip("/")
+
     for word, rest in INSTRUCTIONS:
         if word == "WORKDIR":
             workdir = root / rest.lstrip("/")
@@ -138,8 +148,9 @@ def image_venv(tmp_path_factory):
             for src in sources:
                 # Docker semantics: a directory's *contents* go to the destination.
                 if (REPO / src).is_dir():
-                    shutil.copytree(REPO / src, target, dirs_exist_ok=True,
-                                    ignore=shutil.ignore_patterns("__pycache__"))
+                    shutil.copytree(
+                        REPO / src, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+                    )
                 else:
                     shutil.copy2(REPO / src, target / Path(src).name)
         elif word == "RUN":
@@ -148,23 +159,38 @@ def image_venv(tmp_path_factory):
                 if not step.startswith(("pip ", "pipenv ")):
                     continue  # rm, useradd: image housekeeping, not run on this machine
                 step = re.sub(r"(/tmp/\S+)", lambda m: str(root / m.group(1).lstrip("/")), step)
-                done = subprocess.run(shlex.split(step), cwd=workdir, env=env, capture_output=True, text=True, check=False)
+                done = subprocess.run(
+                    shlex.split(step), cwd=workdir, env=env, capture_output=True, text=True, check=False
+                )
                 assert done.returncode == 0, f"RUN {step} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return {"venv": venv, "workdir": workdir, "env": env}
 
 
 def test_image_install_imports_the_entrypoint(image_venv):
     python = image_venv["venv"] / "bin/python"
-    check = ("import ride_duration, ride_duration.web, ride_duration.web.worker, gunicorn, gevent, flask, sklearn, skops; "
-             "print(ride_duration.__file__)")
-    done = subprocess.run([str(python), "-c", check], cwd=image_venv["workdir"], env=image_venv["env"],
-                          capture_output=True, text=True, check=False)
+    check = (
+        "import ride_duration, ride_duration.web, ride_duration.web.worker, gunicorn, gevent, flask, sklearn, skops; "
+        "print(ride_duration.__file__)"
+    )
+    done = subprocess.run(
+        [str(python), "-c", check],
+        cwd=image_venv["workdir"],
+        env=image_venv["env"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     # "No module named 'ride_duration.web'": pyproject.toml must ship the subpackages
     # ([tool.setuptools.packages.find] include = ["ride_duration", "ride_duration.*"]).
     assert done.returncode == 0, done.stderr
     assert str(image_venv["venv"]) in done.stdout  # the installed copy, not the checkout
-    pip = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], env=image_venv["env"],
-                         capture_output=True, text=True, check=True)
+    pip = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=json"],
+        env=image_venv["env"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     installed = {p["name"].lower() for p in json.loads(pip.stdout)}
     assert "pytest" not in installed and "moto" not in installed  # no dev packages in the image
 
@@ -176,23 +202,28 @@ def test_image_cmd_serves_and_healthcheck_passes(image_venv, stack, trained_mode
     cmd[0] = str(image_venv["venv"] / "bin" / cmd[0])
     cmd[cmd.index("--bind") + 1] = f"127.0.0.1:{port}"
     env = {**image_venv["env"], **stack.env()}
-    proc = subprocess.Popen(cmd, cwd=image_venv["workdir"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=image_venv["workdir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         health = exec_form(args_of("HEALTHCHECK")[0].split("CMD", 1)[1].strip())
         health[2] = health[2].replace(str(WEB_PORT), str(port))
         deadline, code = time.monotonic() + 90, None
         while time.monotonic() < deadline and proc.poll() is None:
-            code = subprocess.run([str(image_venv["venv"] / "bin/python"), *health[1:]], env=env,
-                                  capture_output=True, check=False).returncode
+            code = subprocess.run(
+                [str(image_venv["venv"] / "bin/python"), *health[1:]], env=env, capture_output=True, check=False
+            ).returncode
             if code == 0:
                 break
             time.sleep(0.5)
         if code != 0:
             proc.terminate()
             pytest.fail(f"HEALTHCHECK never passed; gunicorn said:\n{proc.communicate(timeout=30)[0][-3000:]}")
-        answer = requests.post(f"http://127.0.0.1:{port}/predict",
-                               json={"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}, timeout=10).json()
+        answer = requests.post(
+            f"http://127.0.0.1:{port}/predict",
+            json={"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66},
+            timeout=10,
+        ).json()
         assert answer["model_version"] == trained_model["logged"].run_id
     finally:
         proc.terminate()

@@ -36,8 +36,10 @@ def test_equal_on_synthetic_and_edge_rides(trained_model, synthetic_months):
     ]
     # thresholds themselves and float32 rounding neighbours of them
     distance_thresholds = {
-        t for tree in pipeline[-1].estimators_[:5]
-        for t, f in zip(tree.tree_.threshold, tree.tree_.feature) if f == pipeline[0].vocabulary_["trip_distance"]
+        t
+        for tree in pipeline[-1].estimators_[:5]
+        for t, f in zip(tree.tree_.threshold, tree.tree_.feature)
+        if f == pipeline[0].vocabulary_["trip_distance"]
     }
     for t in sorted(distance_thresholds)[:200]:
         for x in (t, np.nextafter(np.float32(t), np.float32(np.inf)), np.nextafter(t, -np.inf)):

@@ -51,44 +51,128 @@ def test_example_ride(served, trained_model):
 
 def _hostile_requests():
     """(method, path, body bytes, headers) of malformed, hostile or wrong requests."""
-    values = [None, True, False, "130", "", [], {}, [130], {"v": 130}, -1, 0, 266, 1e400, -1e400, 10**30,
-              130.5, "NaN", 2**63, -(2**63), 1e-320, "∞", "<script>", 501, -0.001, 1e308]
-    raw_values = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"9" * 5000, b"0x10", b"01", b".5", b"+1",
-                  b"true", b"null", b'"\\ud800"', b"[[[[[[]]]]]]"]
+    values = [
+        None,
+        True,
+        False,
+        "130",
+        "",
+        [],
+        {},
+        [130],
+        {"v": 130},
+        -1,
+        0,
+        266,
+        1e400,
+        -1e400,
+        10**30,
+        130.5,
+        "NaN",
+        2**63,
+        -(2**63),
+        1e-320,
+        "∞",
+        "<script>",
+        501,
+        -0.001,
+        1e308,
+    ]
+    raw_values = [
+        b"NaN",
+        b"Infinity",
+        b"-Infinity",
+        b"1e999",
+        b"9" * 5000,
+        b"0x10",
+        b"01",
+        b".5",
+        b"+1",
+        b"true",
+        b"null",
+        b'"\\ud800"',
+        b"[[[[[[]]]]]]",
+    ]
     out = []
     for field, value in itertools.product(RIDE, values):  # wrong types and ranges per field
-        if field == "trip_distance" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and 0 <= value <= 500:
+        if (
+            field == "trip_distance"
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and 0 <= value <= 500
+        ):
             continue  # a valid distance
         bad = {**RIDE, field: value}
-        out += [("POST", "/predict", json.dumps(bad).encode(), JSON),  # alone and inside a list
-                ("POST", "/predict", json.dumps([RIDE, bad]).encode(), JSON)]
+        out += [
+            ("POST", "/predict", json.dumps(bad).encode(), JSON),  # alone and inside a list
+            ("POST", "/predict", json.dumps([RIDE, bad]).encode(), JSON),
+        ]
     for field, raw in itertools.product(RIDE, raw_values):  # JSON literals json.dumps would not write
-        body = b"{" + b", ".join(
-            f'"{k}": '.encode() + (raw if k == field else json.dumps(v).encode()) for k, v in RIDE.items()
-        ) + b"}"
+        body = (
+            b"{"
+            + b", ".join(f'"{k}": '.encode() + (raw if k == field else json.dumps(v).encode()) for k, v in RIDE.items())
+            + b"}"
+        )
         out.append(("POST", "/predict", body, JSON))
     for field in RIDE:  # missing fields, alone and in lists
         ride = {k: v for k, v in RIDE.items() if k != field}
-        out += [("POST", "/predict", json.dumps(ride).encode(), JSON),
-                ("POST", "/predict", json.dumps([RIDE, ride]).encode(), JSON)]
+        out += [
+            ("POST", "/predict", json.dumps(ride).encode(), JSON),
+            ("POST", "/predict", json.dumps([RIDE, ride]).encode(), JSON),
+        ]
     nested = b'{"a":' * 5000 + b"1" + b"}" * 5000
-    bodies = [b"", b" ", b"null", b"1", b'"ride"', b"[]", b"[1,2]", b"[null]", b"{}", b"{", b"}", b"[", b"\x00\x01",
-              b"\xff" * 10, b"PULocationID=130", b"<ride/>", nested, b"[" * 50_000 + b"]" * 50_000,
-              json.dumps([RIDE] * 1001).encode(), json.dumps({"rides": [RIDE]}).encode(),
-              json.dumps({**RIDE, "trip_distance": [1] * 10_000}).encode(),
-              json.dumps([[RIDE]]).encode(), b'{"PULocationID": 130, "PULocationID": "x", "DOLocationID": 1}']
+    bodies = [
+        b"",
+        b" ",
+        b"null",
+        b"1",
+        b'"ride"',
+        b"[]",
+        b"[1,2]",
+        b"[null]",
+        b"{}",
+        b"{",
+        b"}",
+        b"[",
+        b"\x00\x01",
+        b"\xff" * 10,
+        b"PULocationID=130",
+        b"<ride/>",
+        nested,
+        b"[" * 50_000 + b"]" * 50_000,
+        json.dumps([RIDE] * 1001).encode(),
+        json.dumps({"rides": [RIDE]}).encode(),
+        json.dumps({**RIDE, "trip_distance": [1] * 10_000}).encode(),
+        json.dumps([[RIDE]]).encode(),
+        b'{"PULocationID": 130, "PULocationID": "x", "DOLocationID": 1}',
+    ]
     out += [("POST", "/predict", b, JSON) for b in bodies]
     out += [("POST", "/predict", b"x" * (MAX_CONTENT_LENGTH + n), JSON) for n in (1, 1000, 500_000)]
     out += [("POST", "/predict", json.dumps([RIDE] * 3000).encode(), JSON)]  # too large as a list
-    for ctype in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-                  "application/xml", "", "application/jsonx", "image/png"]:
+    for ctype in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+        "",
+        "application/jsonx",
+        "image/png",
+    ]:
         out.append(("POST", "/predict", json.dumps(RIDE).encode(), {"Content-Type": ctype} if ctype else {}))
     for method, path in itertools.product(["GET", "PUT", "DELETE", "PATCH", "OPTIONS"], ["/predict"]):
         out.append((method, path, json.dumps(RIDE).encode(), JSON))
     out += [("POST", "/health", b"{}", JSON), ("DELETE", "/health", b"", {})]
-    for path in ["/", "/predict/", "/predict/1", "/admin", "/../etc/passwd", "/%00", "/" + "a" * 2000, "/health/x",
-                 "/PREDICT"]:
+    for path in [
+        "/",
+        "/predict/",
+        "/predict/1",
+        "/admin",
+        "/../etc/passwd",
+        "/%00",
+        "/" + "a" * 2000,
+        "/health/x",
+        "/PREDICT",
+    ]:
         out += [("GET", path, b"", {}), ("POST", path, json.dumps(RIDE).encode(), JSON)]
     return out
 
@@ -114,8 +198,14 @@ def test_hostile_payloads_never_5xx(served):
 
 def _random_rides(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"PULocationID": rng.randint(1, 265), "DOLocationID": rng.randint(1, 265),
-             "trip_distance": round(rng.uniform(0, 30), 2)} for _ in range(n)]
+    return [
+        {
+            "PULocationID": rng.randint(1, 265),
+            "DOLocationID": rng.randint(1, 265),
+            "trip_distance": round(rng.uniform(0, 30), 2),
+        }
+        for _ in range(n)
+    ]
 
 
 def test_2000_concurrent_requests_match_the_model(served, trained_model):
@@ -149,8 +239,13 @@ def test_2000_concurrent_requests_match_the_model(served, trained_model):
 
 def test_predict_client_script(served, trained_model):
     host = served.url.removeprefix("http://")
-    done = subprocess.run([sys.executable, str(REPO / "scripts/predict_client.py"), "--host", host],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/predict_client.py"), "--host", host],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert answer["model_version"] == trained_model["logged"].run_id
@@ -159,21 +254,42 @@ def test_predict_client_script(served, trained_model):
 
 def test_predict_client_script_reports_errors(served):
     host = served.url.removeprefix("http://")
-    bad = subprocess.run([sys.executable, str(REPO / "scripts/predict_client.py"), "--host", host,
-                          "--ride", '{"PULocationID": 0, "DOLocationID": 1, "trip_distance": 1}'],
-                         capture_output=True, text=True, timeout=60, check=False)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts/predict_client.py"),
+            "--host",
+            host,
+            "--ride",
+            '{"PULocationID": 0, "DOLocationID": 1, "trip_distance": 1}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert bad.returncode == 1
     assert "400" in bad.stderr and "'PULocationID' must be a TLC zone id" in bad.stderr
-    down = subprocess.run([sys.executable, str(REPO / "scripts/predict_client.py"), "--host", f"127.0.0.1:{free_port()}"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    down = subprocess.run(
+        [sys.executable, str(REPO / "scripts/predict_client.py"), "--host", f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert down.returncode == 1 and "is the service running?" in down.stderr
 
 
 def test_serve_command_runs_gunicorn(stack, trained_model):
     """`make serve` = `python -m ride_duration.web serve`: gunicorn with the repo's config, never Flask's server."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ride_duration.web", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ride_duration.web", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -217,8 +333,10 @@ def _status_and_json(raw: bytes) -> tuple[int, dict]:
 
 
 PARTIAL_HEADERS = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: appl"
-PARTIAL_BODY = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
-                + b'{"PULocationID": 130, ')  # 22 of the 200 bytes announced
+PARTIAL_BODY = (
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+    + b'{"PULocationID": 130, '
+)  # 22 of the 200 bytes announced
 
 
 def test_slow_clients_neither_delay_valid_requests_nor_stay_open(served, trained_model):
@@ -285,7 +403,7 @@ def test_slow_clients_neither_delay_valid_requests_nor_stay_open(served, trained
 
 def _chunked(body: bytes, size: int = 8192):
     for i in range(0, len(body), size):
-        yield body[i:i + size]
+        yield body[i : i + size]
 
 
 def test_chunked_body_over_the_limit_gets_413(served, trained_model):
@@ -315,10 +433,16 @@ def test_chunked_body_over_the_limit_gets_413(served, trained_model):
         (b"GARBAGE\r\n\r\n", 400, "Invalid HTTP request line: 'GARBAGE'"),
         (b"GET /health HTTP/9.9\r\n\r\n", 400, "Invalid HTTP Version"),
         (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", 400, "Request Line is too large"),
-        (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(150)) + b"\r\n",
-         431, "limit request headers fields"),
-        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431,
-         "limit request headers fields size"),
+        (
+            b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(150)) + b"\r\n",
+            431,
+            "limit request headers fields",
+        ),
+        (
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+            431,
+            "limit request headers fields size",
+        ),
     ],
     ids=["request-line", "http-version", "long-request-line", "too-many-headers", "header-too-large"],
 )

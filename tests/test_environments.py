@@ -29,17 +29,38 @@ def pyproject_pins() -> dict:
     return dict(parse_req(r) for r in reqs)
 
 
-def pipfile_pins() -> dict:
-    pipfile = tomllib.loads((REPO / "Pipfile").read_text())
+# The Pipfile's categories: [packages] every image, then one per deployment, then dev.
+CATEGORIES = ("packages", "web", "stream", "batch", "dev-packages")
+LOCK_SECTIONS = ("default", "web", "stream", "batch", "develop")
+# Transitive pins the Pipfile adds to [packages] (not in pyproject.toml): [packages] is locked
+# alone first and pins every other category, so it must not pick a newer version than
+# another category allows. They must equal constraints.txt's pins.
+PIPFILE_ONLY = {"botocore", "fastapi"}
+
+
+def constraints_pins() -> dict:
     pins = {}
-    for section in ("packages", "dev-packages"):
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = parse_req(line)
+            pins[name] = version
+    return pins
+
+
+def pipfile_pins(only_pyproject: bool = True) -> dict:
+    pipfile = tomllib.loads((REPO / "Pipfile").read_text())
+    assert [c for c in pipfile if c not in ("source", "requires", "pipenv")] == list(CATEGORIES)
+    pins = {}
+    for section in CATEGORIES:
         for name, spec in pipfile[section].items():
             if norm(name) == SELF:
                 assert spec == {"file": ".", "editable": True}, "the package must be an editable dev dependency"
                 continue
             version = spec if isinstance(spec, str) else spec["version"]
             assert version.startswith("=="), f"{name} is not pinned in Pipfile"
-            pins[norm(name)] = version[2:]
+            assert norm(name) not in pins, f"{name} is in two Pipfile categories"
+            if not (only_pyproject and norm(name) in PIPFILE_ONLY):
+                pins[norm(name)] = version[2:]
     return pins
 
 
@@ -47,20 +68,33 @@ def test_pyproject_and_pipfile_name_the_same_pins():
     assert pyproject_pins() == pipfile_pins()
 
 
+def test_pipfile_only_pins_follow_constraints():
+    constraints, pins = constraints_pins(), pipfile_pins(only_pyproject=False)
+    assert {n: pins[n] for n in PIPFILE_ONLY} == {n: constraints[n] for n in PIPFILE_ONLY}
+
+
+def test_each_image_category_holds_its_own_packages():
+    pipfile = tomllib.loads((REPO / "Pipfile").read_text())
+    names = {c: {norm(n) for n in pipfile[c]} for c in CATEGORIES}
+    assert {"flask", "gunicorn", "gevent"} <= names["web"]
+    assert {"prefect", "papermill", "pyarrow", "s3fs"} <= names["batch"]
+    heavy = {"flask", "gunicorn", "gevent", "prefect", "papermill", "pyarrow", "s3fs"}
+    assert not heavy & (names["packages"] | names["stream"]), "the Lambda image installs packages + stream"
+
+
 def test_pipfile_lock_agrees_with_pins_and_constraints():
     lock = json.loads((REPO / "Pipfile.lock").read_text())
+    assert [s for s in lock if s != "_meta"] == sorted(LOCK_SECTIONS), "one lock section per Pipfile category"
     locked = {}
-    for section in ("default", "develop"):
+    for section in LOCK_SECTIONS:
         for name, spec in lock[section].items():
             if "version" in spec:
-                locked[norm(name)] = spec["version"].removeprefix("==")
-    for name, version in pyproject_pins().items():
+                version = spec["version"].removeprefix("==")
+                # the sections are installed together (the dev environment): one version each
+                assert locked.setdefault(norm(name), version) == version, f"{name}: two versions in the lock"
+    for name, version in pipfile_pins(only_pyproject=False).items():
         assert locked.get(name) == version, f"Pipfile.lock has {name} {locked.get(name)}, pins say {version}"
-    constraints = {}
-    for line in (REPO / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, version = parse_req(line)
-            constraints[name] = version
+    constraints = constraints_pins()
     for name, version in pyproject_pins().items():
         assert constraints.get(name) == version, f"constraints.txt has {name} {constraints.get(name)}"
     # every transitive pin both files name must agree too (same environment either way)

@@ -6,7 +6,10 @@ accepts (`pipenv verify`) and pins the versions this environment was tested
 with; the COPYed files alone build the package, which installs with
 `--no-deps` into a fresh venv (no system site-packages, the repo's editable
 install invisible) where `lambda_function.lambda_handler` imports from it.
-NOT verified: the image build itself and pipenv downloading the lock.
+Then the image's own pip/pipenv steps (`--categories "packages stream"`) are
+replayed into another fresh venv: no web server, Prefect or papermill there, and
+the handler loads the session's model from S3 and answers the course's event.
+NOT verified: the image build itself (the base image's Python is not this one).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import fnmatch
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,7 +61,7 @@ def test_base_image_cmd_and_install_steps():
     runs = [rest for keyword, rest in steps if keyword == "RUN"]
     # pipenv pinned to the version that verified the lock here (same as the web image)
     assert any(f"pip install --no-cache-dir pipenv=={version('pipenv')}" in r for r in runs)
-    assert any("pipenv install --system --deploy" in r for r in runs)
+    assert any('pipenv install --system --deploy --categories "packages stream"' in r for r in runs)
     assert any("pip install" in r and "--no-deps /tmp/build" in r for r in runs)
     assert (["docker/streaming/lambda_function.py"], "${LAMBDA_TASK_ROOT}/") in copies(DOCKERFILE)
 
@@ -84,7 +88,7 @@ def test_every_image_installs_from_the_same_lock():
 
 @pytest.fixture(scope="module")
 def locked_requirements(tmp_path_factory) -> dict:
-    """`pipenv verify` (what --deploy checks) and the [packages] pins pipenv would install (offline)."""
+    """`pipenv verify` (what --deploy checks) and the pins of every image's category (offline)."""
     work = tmp_path_factory.mktemp("pipenv")
     for name in ("Pipfile", "Pipfile.lock"):
         shutil.copy(REPO / name, work / name)
@@ -95,7 +99,13 @@ def locked_requirements(tmp_path_factory) -> dict:
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     reqs = subprocess.run(
-        [*pipenv, "requirements"], cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False
+        [*pipenv, "requirements", "--categories", "packages web stream batch"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert reqs.returncode == 0, reqs.stderr
     pins = {}
@@ -192,3 +202,113 @@ def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path
     result = json.loads(out.stdout)
     assert result["same"] is True
     assert result["file"].startswith(str(fresh)), result["file"]  # the installed copy, not the checkout
+
+
+@pytest.fixture(scope="module")
+def image_venv(tmp_path_factory):
+    """The Dockerfile's COPY and pip/pipenv RUN steps replayed into a fresh venv."""
+    root = tmp_path_factory.mktemp("lambda-image")
+    fresh, task_root = root / "venv", root / "var" / "task"
+    task_root.mkdir(parents=True)
+    venv.create(fresh, with_pip=True, system_site_packages=False)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIPENV_ACTIVE", "PIP_REQUIRE_VIRTUALENV")},
+        "PATH": f"{fresh / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "VIRTUAL_ENV": str(fresh),
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIPENV_VERBOSITY": "-1",
+    }
+
+    def where(path: str) -> Path:
+        path = path.replace("${LAMBDA_TASK_ROOT}", "/var/task")
+        return root / path.lstrip("/") if path.startswith("/") else task_root / path
+
+    for keyword, rest in instructions(DOCKERFILE):
+        if keyword == "COPY":
+            *sources, dest = shlex.split(rest)
+            target = where(dest)
+            for source in sources:
+                src = REPO / source
+                if src.is_dir():
+                    shutil.copytree(src, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    target.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(src, target / src.name)
+        elif keyword == "RUN":
+            for step in rest.split("&&"):
+                step = step.strip()
+                if not step.startswith(("pip ", "pipenv ")):
+                    continue  # rm: image housekeeping
+                step = re.sub(r"(/tmp/\S+)", lambda m: str(root / m.group(1).lstrip("/")), step)
+                done = subprocess.run(
+                    shlex.split(step), cwd=task_root, env=env, capture_output=True, text=True, timeout=900, check=False
+                )
+                assert done.returncode == 0, f"RUN {step}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return {"python": fresh / "bin" / "python", "task_root": task_root, "env": env}
+
+
+def test_image_install_has_the_handler_and_nothing_of_web_or_batch(image_venv):
+    check = (
+        "import importlib.util, json, lambda_function, ride_duration.stream as s;"
+        "print(json.dumps({'file': s.__file__, 'same': lambda_function.lambda_handler is s.lambda_handler,"
+        " 'absent': [m for m in ('prefect', 'papermill', 'gunicorn', 'gevent', 'flask', 'pyarrow', 's3fs',"
+        " 'pipenv', 'pytest', 'moto') if importlib.util.find_spec(m) is None]}))"
+    )
+    out = subprocess.run(
+        [str(image_venv["python"]), "-c", check],
+        cwd=image_venv["task_root"],
+        env=image_venv["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["same"] is True
+    assert result["file"].startswith(str(image_venv["python"].parents[1])), result["file"]
+    assert result["absent"] == [
+        "prefect",
+        "papermill",
+        "gunicorn",
+        "gevent",
+        "flask",
+        "pyarrow",
+        "s3fs",
+        "pipenv",
+        "pytest",
+        "moto",
+    ]
+
+
+def test_image_install_loads_the_model_from_s3_and_answers_the_course_event(
+    image_venv, stack, trained_model, canonical_event
+):
+    """The container's cold path: MODEL_ID + EXPERIMENT_ID (straight from S3 through
+    mlflow-skinny and boto3), TEST_RUN so predictions are returned, not written."""
+    logged = trained_model["logged"]
+    env = {
+        **image_venv["env"],
+        **stack.env(),
+        "MODEL_ID": logged.model_id,
+        "EXPERIMENT_ID": str(logged.experiment_id),
+        "TEST_RUN": "True",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+    env.pop("MODEL_URI", None)
+    run = "import json, sys, lambda_function; print(json.dumps(lambda_function.lambda_handler(json.load(sys.stdin), None)))"
+    out = subprocess.run(
+        [str(image_venv["python"]), "-c", run],
+        cwd=image_venv["task_root"],
+        env=env,
+        input=json.dumps(canonical_event),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (prediction,) = json.loads(out.stdout.strip().splitlines()[-1])["predictions"]
+    assert prediction["version"] == logged.run_id
+    assert prediction["prediction"]["ride_id"] == 256
+    assert 1 <= prediction["prediction"]["ride_duration"] <= 60

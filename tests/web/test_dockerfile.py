@@ -3,7 +3,8 @@
 We parse it, check that every COPY source exists in the build context (the repo
 root) and is not excluded by its .dockerignore, that CMD, EXPOSE, HEALTHCHECK
 and gunicorn.conf.py agree, and then replay its pip/pipenv steps into a fresh
-virtualenv outside the repo and start the image's CMD from that venv.
+virtualenv outside the repo (`pipenv install --categories "packages web"`: no
+[batch] packages) and start the image's CMD from that venv.
 """
 
 from __future__ import annotations
@@ -95,11 +96,13 @@ def test_copy_sources_exist_in_the_context_and_are_not_ignored():
 def test_installs_the_lock_the_course_way():
     runs = " && ".join(args_of("RUN"))
     assert re.search(r"pip install pipenv==[\d.]+", runs)
-    assert "pipenv install --system --deploy" in runs and "--dev" not in runs
+    assert 'pipenv install --system --deploy --categories "packages web"' in runs and "--dev" not in runs
     assert "pip install --no-deps /tmp/build" in runs
     lock = json.loads((REPO / "Pipfile.lock").read_text())
-    for needed in ("flask", "gunicorn", "gevent", "scikit-learn", "skops", "mlflow-skinny", "boto3"):
+    for needed in ("scikit-learn", "skops", "mlflow-skinny", "boto3"):
         assert needed in lock["default"], f"{needed} must be in the lock's [packages] to be in the image"
+    for needed in ("flask", "gunicorn", "gevent"):
+        assert needed in lock["web"], f"{needed} must be in the lock's [web] category to be in the image"
 
 
 def test_cmd_matches_the_gunicorn_config():
@@ -193,6 +196,12 @@ def test_image_install_imports_the_entrypoint(image_venv):
     )
     installed = {p["name"].lower() for p in json.loads(pip.stdout)}
     assert "pytest" not in installed and "moto" not in installed  # no dev packages in the image
+    # nor the [batch] category: the web image installs "packages web" only
+    assert not {"prefect", "papermill", "pyarrow", "s3fs"} & installed, installed
+    absent = subprocess.run(
+        [str(python), "-c", "import prefect"], env=image_venv["env"], capture_output=True, text=True, check=False
+    )
+    assert "No module named 'prefect'" in absent.stderr
 
 
 def test_image_cmd_serves_and_healthcheck_passes(image_venv, stack, trained_model):

@@ -11,7 +11,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
 .PHONY: help venv kernel course lint test test-fast test-unit test-notebooks services-up services-down services-status \
         data train build serve predict stream-run invoke-server score backfill deploy \
-        bench-web bench-stream bench-batch clean
+        bench-web bench-stream bench-batch bench-images clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -83,6 +83,8 @@ deploy: venv ## create the `monthly` Prefect deployment and serve its runs
 	$(PY) -m ride_duration.batch deploy
 bench-batch: venv
 	$(PY) scripts/bench_batch.py
+bench-images: venv ## each image's installed size, replayed from its Pipfile.lock categories
+	$(PY) scripts/bench_images.py
 
 clean:
 	rm -rf dist build *.egg-info reports .pytest_cache

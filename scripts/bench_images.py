@@ -1,0 +1,113 @@
+"""Installed size of each image's dependency set, replayed from the one Pipfile.lock.
+
+For each set: `pipenv requirements --categories ...` (what `pipenv install --deploy
+--categories ...` installs from the lock) piped into `pip install -r` in a fresh venv
+created without pip, then the package itself with --no-deps (the images' second step),
+and the size of that venv's site-packages. "before" replays what every image installed
+until the Pipfile had categories: all of them together (the old [packages] list).
+
+    python scripts/bench_images.py          (make bench-images; ~5 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import venv
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_MB = 1035  # issue 12: the old [packages] set (with onnxruntime, skl2onnx), same replay
+TARGET = 0.5  # the Lambda image's install: at most half of the baseline
+
+SETS = {
+    "web": "packages web",  # docker/web-service/Dockerfile
+    "lambda": "packages stream",  # docker/streaming/Dockerfile
+    "batch": "packages batch",  # the Prefect flows
+    "before": "packages web stream batch",  # one [packages] list for every image
+}
+
+
+def size_mb(path: Path) -> float:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                total += os.path.getsize(full)
+    return total / 1e6
+
+
+def requirements(categories: str) -> str:
+    env = {**os.environ, "PIPENV_VERBOSITY": "-1", "PIPENV_IGNORE_VIRTUALENVS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipenv", "requirements", "--categories", categories],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+def replay(categories: str, work: Path) -> dict:
+    """A fresh venv (no pip in it) holding only this set: its site-packages size."""
+    target = work / categories.replace(" ", "-")
+    venv.create(target, with_pip=False, system_site_packages=False)
+    python = target / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    empty = size_mb(site)
+    reqs = work / f"{target.name}.txt"
+    reqs.write_text(requirements(categories))
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--disable-pip-version-check"]
+    start = time.monotonic()
+    subprocess.run([*pip, "-r", str(reqs)], check=True)
+    subprocess.run([*pip, "--no-deps", str(REPO)], check=True, capture_output=True)
+    count = len([p for p in site.glob("*.dist-info")])
+    return {"mb": size_mb(site) - empty, "dists": count, "seconds": time.monotonic() - start}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
+    args = parser.parse_args(argv)
+    print(f"python {sysconfig.get_python_version()}, Pipfile.lock replayed per image (site-packages, MB)")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-images-") as tmp:
+        for name in args.sets:
+            results[name] = replay(SETS[name], Path(tmp))
+            r = results[name]
+            print(f"  replayed {name:<7} {r['mb']:7.0f} MB  {r['dists']:3d} distributions  ({r['seconds']:.0f} s)")
+    before = results.get("before")
+    print()
+    print(f"{'image':<8} {'categories':<28} {'MB':>6} {'vs before':>10} {'vs 1,035 MB':>12}")
+    for name, r in results.items():
+        vs_before = f"{r['mb'] / before['mb']:.0%}" if before else "-"
+        print(f"{name:<8} {SETS[name]:<28} {r['mb']:6.0f} {vs_before:>10} {r['mb'] / BASELINE_MB:>12.0%}")
+    lam = results.get("lambda")
+    if lam:
+        limit = TARGET * BASELINE_MB
+        verdict = "meets" if lam["mb"] <= limit else "MISSES"
+        print(
+            f"\nLambda image: {lam['mb']:.0f} MB = {lam['mb'] / BASELINE_MB:.1%} of the issue's {BASELINE_MB:,} MB; "
+            f"target <= {TARGET:.0%} ({limit:.0f} MB): {verdict} it"
+        )
+        return 0 if lam["mb"] <= limit else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,8 @@ and one trained + registered model per test session."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,25 @@ def real_pipeline(real_data_dir):
 
     jan, feb = (real_data_dir / f"green_tripdata_2021-0{m}.parquet" for m in (1, 2))
     return {"pipeline": train(jan, feb).pipeline, "feb": feb}
+
+
+@pytest.fixture(scope="session")
+def see_these_packages():
+    """`see(python, name) -> its site-packages`: a fresh venv sees this environment's installed packages through
+    a .pth line (no re-download), while this environment's editable finder for the repo
+    is not run, so the venv's own install of the package is the one imported."""
+
+    def see(python: Path, name: str) -> str:
+        site = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        Path(site, name).write_text(sysconfig.get_paths()["purelib"] + "\n")
+        return site
+
+    return see
 
 
 def _start_stack(tmp_path_factory, services) -> LocalStack:

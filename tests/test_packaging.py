@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import venv
 import zipfile
@@ -37,7 +36,7 @@ def test_sdist_and_wheel_carry_version_and_pass_twine(dist):
     assert "PASSED" in check.stdout
 
 
-def test_wheel_installs_in_fresh_venv_and_predicts(dist, tmp_path, synthetic_months):
+def test_wheel_installs_in_fresh_venv_and_predicts(dist, tmp_path, synthetic_months, see_these_packages):
     """A fresh venv outside the repo gets only the wheel; third-party packages come from
     this environment's site-packages through a .pth line (no re-download), while the
     editable install of the repo is NOT visible (its finder is not processed)."""
@@ -46,13 +45,7 @@ def test_wheel_installs_in_fresh_venv_and_predicts(dist, tmp_path, synthetic_mon
     python = target / "bin" / "python"
     wheel = next(dist.glob("*.whl"))
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    site = see_these_packages(python, "deps.pth")
     code = f"""
 import ride_duration, sys
 assert '{REPO}' not in ride_duration.__file__, ride_duration.__file__

@@ -409,26 +409,17 @@ def test_custom_ports_each_ui_talks_to_its_own_server_and_a_new_shell_sees_them(
         # A new shell knows only LOCAL_DIR: `stack env` prints the running stack's endpoints.
         env = {k: v for k, v in os.environ.items() if not k.startswith("STACK_")}
         env["LOCAL_DIR"] = str(own.local_dir)
-        out = subprocess.run(
-            [sys.executable, "-m", "ride_duration.stack", "env"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+
+        def stack_cli(command: str) -> str:
+            cmd = [sys.executable, "-m", "ride_duration.stack", command]
+            return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+        out = stack_cli("env")
         assert f"export AWS_ENDPOINT_URL_S3={own.url('s3')}\n" in out
         assert f"export AWS_ENDPOINT_URL={own.url('kinesis')}\n" in out
         assert f"export MLFLOW_TRACKING_URI={own.url('mlflow')}\n" in out
         assert f"export PREFECT_API_URL={own.url('prefect')}/api\n" in out
-        status = subprocess.run(
-            [sys.executable, "-m", "ride_duration.stack", "status"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        status = stack_cli("status")
         assert f"prefect  up                   {own.url('prefect')}" in status
         for key in [k for k in os.environ if k.startswith("STACK_")]:
             monkeypatch.delenv(key)

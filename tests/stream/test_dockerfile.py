@@ -22,7 +22,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 import venv
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -130,7 +129,7 @@ def test_lock_pins_what_the_tests_ran_with(locked_requirements):
     assert not mismatched, f"Pipfile.lock and this environment differ: {mismatched}"
 
 
-def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path):
+def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path, see_these_packages):
     # The build context the Dockerfile assembles in /tmp/build, from its own COPY lines.
     build = tmp_path / "build"
     build.mkdir()
@@ -174,13 +173,7 @@ def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path
     )
     # The locked third-party packages (the `pipenv install --system` layer) come from this
     # environment through a plain path line: its editable finder for the repo is not run.
-    site = subprocess.run(
-        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    Path(site, "locked_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    see_these_packages(py, "locked_deps.pth")
     task_root = tmp_path / "task"
     task_root.mkdir()
     shutil.copy(REPO / "docker" / "streaming" / "lambda_function.py", task_root)

@@ -52,7 +52,7 @@ services-status: venv
 
 # --- part 1-2: data, model, registry -----------------------------------------
 data: venv ## fetch green 2021-01/02 + zones (TLC_MIRROR, checksums, fallback)
-	$(PY) -m ride_duration.data
+	$(PY) -m ride_duration.tlc
 train: venv ## train, log to MLflow, register and promote (ALLOW_SYNTHETIC=1 without the real data)
 	$(PY) scripts/train.py --promote $(if $(ALLOW_SYNTHETIC),--allow-synthetic)
 build: venv ## sdist + wheel into dist/, checked by twine

@@ -73,7 +73,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Settings, get_settings
-from .utils import prepare_features, show_value
+from .features import prepare_features, show_value
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +506,7 @@ _SERVICE: ModelService | None = None
 
 def build_service(settings: Settings | None = None, model_uri: str | None = None) -> ModelService:
     """Load the model (registry alias or S3, from env); attach the stream writer and the dead letters unless TEST_RUN."""
-    from .predict import load_model
+    from .registry import load_model
 
     settings = settings or get_settings()
     model, version = load_model(model_uri, settings=settings)
@@ -1022,7 +1022,7 @@ class _CountingClient:
 
 def synthetic_event(n: int = MAX_BATCH_SIZE, seed: int = 42) -> dict:
     """A Lambda Kinesis event of `n` realistic rides (from the synthetic TLC month)."""
-    from .data import synthetic_month
+    from .tlc import synthetic_month
 
     rides = synthetic_month(2021, 2, n_rows=n, seed=seed)
     payloads = [
@@ -1195,7 +1195,7 @@ def main(argv=None) -> int:
 
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from .predict import ModelNotFound
+    from .registry import ModelNotFound
 
     try:
         from .stack import activate_if_running

@@ -28,9 +28,9 @@ from sklearn.metrics import root_mean_squared_error
 from sklearn.pipeline import Pipeline, make_pipeline
 
 from .config import Settings, get_settings
-from .data import describe_training_data
-from .predict import TRUSTED_TYPES, TrackingServerDown, check_tracking_server
-from .utils import EXAMPLE_RIDE, TARGET, load_training_dataframe, prepare_features
+from .features import EXAMPLE_RIDE, TARGET, prepare_features
+from .registry import TRUSTED_TYPES, TrackingServerDown, check_tracking_server
+from .tlc import describe_training_data, load_training_dataframe
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def train(train_path, valid_path, params: dict | None = None, *, synthetic: bool
     Paths, URLs or `data.MonthFile`s. Their provenance is recorded in the result;
     `synthetic=None` detects synthetic files by their marker (data.is_synthetic).
     """
-    from .data import MonthFile, training_provenance
+    from .tlc import MonthFile, training_provenance
 
     start = time.perf_counter()
     provenance = training_provenance(train_path, valid_path, synthetic=synthetic)
@@ -197,7 +197,7 @@ def log_to_mlflow(
 def course_month(month: int, settings: Settings, allow_synthetic: bool = False, flag: str = "--allow-synthetic"):
     """Green `2021-<month>` (a `data.MonthFile`). Missing without `allow_synthetic`:
     SyntheticDataRefused naming the month, what was tried and what to set."""
-    from .data import DataUnavailable, filename, locate_month
+    from .tlc import DataUnavailable, filename, locate_month
 
     try:
         return locate_month("green", 2021, month, settings=settings, allow_synthetic=allow_synthetic)
@@ -223,7 +223,7 @@ def refuse_synthetic(training_data: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from .data import ChecksumMismatch, DataUnavailable, training_provenance
+    from .tlc import ChecksumMismatch, DataUnavailable, training_provenance
 
     parser = argparse.ArgumentParser(description="Train the ride duration model and log it to MLflow.")
     parser.add_argument("--train-path", help="parquet path/URL (default: green 2021-01 from the data cache)")

@@ -82,17 +82,18 @@ def table(rows: list[tuple], headers: tuple) -> str:
 
 # ----------------------------------------------------------------------------- 1. one month
 def bench_month(model, version, repeats: int) -> list[tuple]:
-    from ride_duration import batch
     from ride_duration.aws import storage_options
+    from ride_duration.batch import paths as batch_paths
+    from ride_duration.batch import scoring
 
-    paths = batch.get_paths("2021-03-02", "green", version)
-    local = batch.open_input(paths)
+    paths = batch_paths.get_paths("2021-03-02", "green", version)
+    local = scoring.open_input(paths)
     out_new = f"s3://{BENCH_BUCKET}/month/project.parquet"
     out_old = f"s3://{BENCH_BUCKET}/month/course-2022.parquet"
-    paths = batch.BatchPaths(paths.taxi_type, paths.year, paths.month, local, out_new)
+    paths = batch_paths.BatchPaths(paths.taxi_type, paths.year, paths.month, local, out_new)
     new, old = [], []
     for _ in range(repeats):  # interleaved: both see the same machine load
-        seconds, result = timed(batch.score_month, paths, model, version)
+        seconds, result = timed(scoring.score_month, paths, model, version)
         new.append(seconds)
         seconds, rows = timed(score_2022, model, version, local, out_old, storage_options(out_old))
         old.append(seconds)
@@ -120,14 +121,15 @@ def bench_month(model, version, repeats: int) -> list[tuple]:
 # ----------------------------------------------------------------------------- 2. a big month
 CHILD = """
 import json, sys, time
-from ride_duration import batch
-from ride_duration.predict import load_model_folder
+from ride_duration import registry
+from ride_duration.batch import paths as batch_paths, scoring
+from ride_duration.registry import load_model_folder
 from pathlib import Path
 model, meta = load_model_folder(Path(sys.argv[1]))
-paths = batch.BatchPaths("green", 2021, 2, sys.argv[2], sys.argv[3])
+paths = batch_paths.BatchPaths("green", 2021, 2, sys.argv[2], sys.argv[3])
 start = time.perf_counter()
 if sys.argv[4] == "project":
-    rows = batch.score_month(paths, model, meta["run_id"]).rows
+    rows = scoring.score_month(paths, model, meta["run_id"]).rows
 else:
     sys.path.insert(0, sys.argv[5])
     from bench_batch import score_2022
@@ -147,7 +149,7 @@ def run_child(args: list[str]) -> tuple[dict, float]:
 
 
 def bench_big(model_dir: Path, tmp: Path, n_rows: int, with_2022: bool) -> list[tuple]:
-    from ride_duration.data import write_synthetic_month
+    from ride_duration.tlc import write_synthetic_month
 
     source = tmp / f"green_tripdata_big_{n_rows}.parquet"
     seconds, _ = timed(write_synthetic_month, source, 2021, 2, n_rows=n_rows)
@@ -170,22 +172,23 @@ def bench_big(model_dir: Path, tmp: Path, n_rows: int, with_2022: bool) -> list[
 
 # ----------------------------------------------------------------------------- 3. backfill
 def bench_backfill(model, version, tmp: Path, n_months: int, rows_per_month: int, repeats: int) -> list[tuple]:
-    from ride_duration import batch
-    from ride_duration.data import write_synthetic_month
+    from ride_duration.batch import paths as batch_paths
+    from ride_duration.batch import scoring
+    from ride_duration.tlc import write_synthetic_month
 
     folder = tmp / "months"
     months = [(2020, m) for m in range(1, n_months + 1)]
     for y, m in months:
         write_synthetic_month(folder / f"green_tripdata_{y}-{m:02d}.parquet", y, m, n_rows=rows_per_month)
     os.environ["BATCH_INPUT_PREFIX"] = str(folder)
-    paths = [batch.month_paths("green", y, m, version) for y, m in months]
+    paths = [batch_paths.month_paths("green", y, m, version) for y, m in months]
 
     def direct_sequential(n_jobs=-1):
-        return [batch.score_month(p, model, version, n_jobs=n_jobs) for p in paths]
+        return [scoring.score_month(p, model, version, n_jobs=n_jobs) for p in paths]
 
     def direct_parallel():
         with ThreadPoolExecutor(max_workers=2) as pool:
-            return list(pool.map(lambda p: batch.score_month(p, model, version, n_jobs=1), paths))
+            return list(pool.map(lambda p: scoring.score_month(p, model, version, n_jobs=1), paths))
 
     from ride_duration.batch.flows import ride_duration_prediction_backfill
 
@@ -346,8 +349,9 @@ def main(argv=None) -> int:
     stack.activate()
     os.environ["PREDICTIONS_BUCKET"] = BENCH_BUCKET  # never mix bench outputs with the course's dataset
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from ride_duration import batch
+    from ride_duration import registry
     from ride_duration.aws import s3_client
+    from ride_duration.batch import scoring
 
     s3 = s3_client()
     try:
@@ -359,8 +363,8 @@ def main(argv=None) -> int:
         f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start (other work on the machine skews wall times)"
     )
     try:
-        ref = batch.resolve_model()
-        model, version = batch.load_model_ref(ref)
+        ref = registry.resolve_model()
+        model, version = scoring.load_model_ref(ref)
         with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
             tmp = Path(tmp)
             if "month" not in skip:

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     stack.activate()
 
     from ride_duration.aws import kinesis_client
-    from ride_duration.predict import ModelNotFound, load_model, production_model_s3
+    from ride_duration.registry import ModelNotFound, load_model, production_model_s3
     from ride_duration.stream import compare_designs, measure_cold_start, synthetic_event
 
     try:

@@ -12,7 +12,7 @@ import sys
 
 import requests
 
-from ride_duration.utils import EXAMPLE_RIDE
+from ride_duration.features import EXAMPLE_RIDE
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ride_duration.predict import make_prediction
-from ride_duration.utils import load_training_dataframe
+from ride_duration.tlc import load_training_dataframe
 
 EXAMPLE_RIDE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 

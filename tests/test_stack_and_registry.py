@@ -14,7 +14,8 @@ import pytest
 import requests
 
 from ride_duration import config
-from ride_duration.predict import ModelNotFound, load_model, make_prediction, s3_model_uri
+from ride_duration.predict import make_prediction
+from ride_duration.registry import ModelNotFound, load_model, s3_model_uri
 from ride_duration.stack import SERVICES, LocalStack, StackError, activate_if_running, free_port, port_in_use
 from ride_duration.train import TrackingServerDown, check_tracking_server, log_to_mlflow
 from ride_duration.train import main as train_main

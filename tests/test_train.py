@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from ride_duration import data
+from ride_duration import tlc
 from ride_duration.train import SyntheticDataRefused, ensure_production_model
 from ride_duration.train import main as train_main
 
@@ -21,7 +21,7 @@ def no_real_data(tmp_path, monkeypatch):
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TLC_MIRROR", str(tmp_path / "mirror-without-january"))
     monkeypatch.delenv("TLC_SYNTHETIC_FALLBACK", raising=False)  # the fallback's default: on
-    monkeypatch.setattr(data, "BASE_URL", "http://127.0.0.1:9/trip-data")
+    monkeypatch.setattr(tlc, "BASE_URL", "http://127.0.0.1:9/trip-data")
     return tmp_path / "cache"
 
 
@@ -57,7 +57,7 @@ def test_cli_refuses_a_given_synthetic_file(stack, synthetic_months, capsys):
 def test_cli_with_allow_synthetic_records_the_provenance(stack, synthetic_months, capsys):
     import mlflow
 
-    from ride_duration.predict import load_model
+    from ride_duration.registry import load_model
 
     jan, feb = synthetic_months[(2021, 1)], synthetic_months[(2021, 2)]
     code = train_main(

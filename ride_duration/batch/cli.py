@@ -14,7 +14,7 @@ import sys
 from datetime import datetime
 
 from ..config import get_settings
-from ..data import TAXI_TYPES
+from ..tlc import TAXI_TYPES
 
 
 class CliError(RuntimeError):
@@ -81,7 +81,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _pinned_model(ref: str | None) -> str:
     """Resolve the model before any flow run exists: a tracking server that is down
     fails here in seconds with one sentence, and the flow gets the pinned URI."""
-    from ..predict import resolve_model
+    from ..registry import resolve_model
 
     model = resolve_model(ref)
     print(f"model {model.uri} (run {model.run_id})", file=sys.stderr)
@@ -102,8 +102,8 @@ def score_main(argv=None) -> int:
     def body():
         _prefect_ready()
         model = _pinned_model(args.run_id)  # before importing Prefect (3 s): fail fast
-        from .core import run_date_for
         from .flows import ride_duration_prediction
+        from .paths import run_date_for
 
         result = ride_duration_prediction(
             taxi_type=args.taxi_type, run_id=model, run_date=run_date_for(args.year, args.month)

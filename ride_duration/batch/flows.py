@@ -19,16 +19,9 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from .core import (
-    BatchPaths,
-    ModelRef,
-    get_paths,
-    load_model_ref,
-    months_between,
-    resolve_model,
-    run_date_for,
-    score_month,
-)
+from ..registry import ModelRef, resolve_model
+from .paths import BatchPaths, get_paths, months_between, run_date_for
+from .scoring import load_model_ref, score_month
 
 FLOW_NAME = "ride-duration-prediction"
 BACKFILL_FLOW_NAME = "ride-duration-prediction-backfill"

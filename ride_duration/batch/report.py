@@ -50,7 +50,7 @@ def servers(settings: Settings | None = None) -> str:
 
 def _registry_alias(model: str | None, settings: Settings) -> str | None:
     """The alias `model` names (a bare word, or None with no MODEL_URI / MODEL_ID configured)."""
-    from ..predict import default_model_uri
+    from ..registry import default_model_uri
 
     if model is None:
         uri = default_model_uri(settings)
@@ -63,7 +63,7 @@ def _registry_alias(model: str | None, settings: Settings) -> str | None:
 def _needs_tracking_server(model: str | None, settings: Settings) -> bool:
     """An alias, a run id or a models:/ or runs:/ URI is resolved by the tracking server;
     an s3:// or local model, or a service-style MODEL_URI / MODEL_ID (S3), is not."""
-    from ..predict import default_model_uri
+    from ..registry import default_model_uri
 
     registry = ("models:/", "runs:/")
     if model is None:
@@ -74,8 +74,7 @@ def _needs_tracking_server(model: str | None, settings: Settings) -> bool:
 def require_model(model: str | None = None, settings: Settings | None = None):
     """The model to score with, pinned (`ModelRef`). ReportStopped, one sentence saying
     what to run, when its tracking server is down or no model has the alias."""
-    from ..predict import ModelNotFound, TrackingServerDown, check_tracking_server
-    from .core import resolve_model
+    from ..registry import ModelNotFound, TrackingServerDown, check_tracking_server, resolve_model
 
     settings = settings or get_settings()
     uri = settings.mlflow_tracking_uri
@@ -133,7 +132,7 @@ def training_warning(data: dict | None) -> str | None:
 
 def show_training_data(data: dict | None) -> None:
     """Print the provenance; a synthetic or unknown one also as a banner in the report."""
-    from ..data import describe_training_data
+    from ..tlc import describe_training_data
 
     print(describe_training_data(data))
     warning = training_warning(data)

@@ -22,8 +22,8 @@ import math
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from ..predict import load_model
-from ..utils import prepare_features
+from ..features import prepare_features
+from ..registry import load_model
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def validate_rides(payload) -> tuple[list[dict], bool]:
     """JSON payload -> (feature dicts for the model, whether it was a single ride).
 
     Each ride is held to the ride contract every deployment shares
-    (`ride_duration.utils.check_ride`: types, zone ids, distance range).
+    (`ride_duration.features.check_ride`: types, zone ids, distance range).
     """
     single = isinstance(payload, dict)
     rides = [payload] if single else payload

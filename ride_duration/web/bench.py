@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..features import EXAMPLE_RIDE
 from ..stack import free_port
-from ..utils import EXAMPLE_RIDE
 from .server import GunicornServer
 
 

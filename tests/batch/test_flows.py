@@ -11,7 +11,7 @@ import pytest
 
 from ride_duration.aws import storage_options
 from ride_duration.config import get_settings
-from ride_duration.utils import load_training_dataframe
+from ride_duration.tlc import load_training_dataframe
 
 from .helpers import list_keys, object_exists
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ride_duration.predict import load_model, production_model_s3
+from ride_duration.registry import load_model, production_model_s3
 from ride_duration.stream import (
     ModelService,
     compare_designs,

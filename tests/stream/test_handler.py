@@ -264,7 +264,7 @@ def test_model_loaded_once_per_container(monkeypatch, canonical_event, stub_mode
         loads.append(uri)
         return stub_model, "run-x"
 
-    monkeypatch.setattr(ride_duration.predict, "load_model", fake_load)
+    monkeypatch.setattr(ride_duration.registry, "load_model", fake_load)
     monkeypatch.setattr(stream, "_SERVICE", None)
     monkeypatch.setenv("TEST_RUN", "True")  # no writer: this test has no stream
     first = stream.lambda_handler(canonical_event, None)

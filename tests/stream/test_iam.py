@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from fnmatch import fnmatchcase
 
 from ride_duration import config
-from ride_duration.predict import s3_model_uri
+from ride_duration.registry import s3_model_uri
 from ride_duration.stream import Checkpoint, EventSourceRunner, KinesisWriter, ModelService, S3DeadLetters
 
 from .conftest import REPO

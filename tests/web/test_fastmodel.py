@@ -9,7 +9,8 @@ from sklearn.linear_model import LinearRegression
 from sklearn.pipeline import make_pipeline
 
 from ride_duration.fastmodel import FastForest, UnsupportedModel, fast_model
-from ride_duration.utils import load_training_dataframe, prepare_features
+from ride_duration.features import prepare_features
+from ride_duration.tlc import load_training_dataframe
 
 
 def test_equal_to_sklearn_on_all_of_february_2021(real_pipeline):

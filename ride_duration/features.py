@@ -1,4 +1,9 @@
-"""Data preparation shared by training and every deployment."""
+"""The ride contract: what a valid ride is, and the model's features and target.
+
+One definition used by training, the web service, the stream function and batch
+scoring. Each deployment applies `check_ride` / `ride_problems` with its own
+documented policy for what it rejects (README, "What each deployment rejects").
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,10 @@ from numbers import Real
 import numpy as np
 import pandas as pd
 
-from .aws import storage_options
-
 FEATURE_FIELDS = ("PULocationID", "DOLocationID", "trip_distance")
 DATETIME_COLUMNS = ("lpep_pickup_datetime", "lpep_dropoff_datetime")
 REQUIRED_COLUMNS = (*DATETIME_COLUMNS, *FEATURE_FIELDS)
 TARGET = "duration"
-
-
-def read_parquet(path, columns=None) -> pd.DataFrame:
-    """Read parquet from a local path, an http(s):// URL or an s3:// URL."""
-    path = str(path)
-    return pd.read_parquet(path, columns=columns, storage_options=storage_options(path))
 
 
 def check_columns(df: pd.DataFrame, required=REQUIRED_COLUMNS, source: str = "input") -> None:
@@ -35,13 +32,6 @@ def add_duration(df: pd.DataFrame, y_min: float = 1, y_max: float = 60) -> pd.Da
     delta = df["lpep_dropoff_datetime"] - df["lpep_pickup_datetime"]
     df = df.assign(**{TARGET: delta.dt.total_seconds() / 60})
     return df[(df[TARGET] >= y_min) & (df[TARGET] <= y_max)].reset_index(drop=True)
-
-
-def load_training_dataframe(path, y_min: float = 1, y_max: float = 60, columns=None) -> pd.DataFrame:
-    """A green-taxi month with the target `duration` in minutes, filtered to [y_min, y_max]."""
-    df = read_parquet(path, columns=columns)
-    check_columns(df, source=str(path))
-    return add_duration(df, y_min=y_min, y_max=y_max)
 
 
 # ---------------------------------------------------------------- the ride contract

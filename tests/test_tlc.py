@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ride_duration import config, data
+from ride_duration import config, tlc
 
 
 @pytest.fixture
@@ -31,48 +31,48 @@ def isolated(tmp_path, monkeypatch):
     """Empty data cache; the official URL points at a closed local port (no internet here)."""
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("TLC_MIRROR", raising=False)
-    monkeypatch.setattr(data, "BASE_URL", "http://127.0.0.1:9/trip-data")
+    monkeypatch.setattr(tlc, "BASE_URL", "http://127.0.0.1:9/trip-data")
     return tmp_path / "cache"
 
 
 def _month_bytes(tmp_path) -> bytes:
-    path = data.write_synthetic_month(tmp_path / "m.parquet", 2020, 5, n_rows=500)
+    path = tlc.write_synthetic_month(tmp_path / "m.parquet", 2020, 5, n_rows=500)
     return path.read_bytes()
 
 
 def test_official_url():
     assert (
-        data.official_url("green", 2021, 1)
+        tlc.official_url("green", 2021, 1)
         == "https://d37ci6vzurychx.cloudfront.net/trip-data/green_tripdata_2021-01.parquet"
     )
     with pytest.raises(ValueError, match="month"):
-        data.filename("green", 2021, 13)
+        tlc.filename("green", 2021, 13)
     with pytest.raises(ValueError, match="taxi type"):
-        data.filename("purple", 2021, 1)
+        tlc.filename("purple", 2021, 1)
 
 
 def test_download_from_mirror_url_verifies_checksum(http_folder, isolated, tmp_path, monkeypatch):
     folder, url = http_folder
     payload = _month_bytes(tmp_path)
     (folder / "green_tripdata_2020-05.parquet").write_bytes(payload)
-    monkeypatch.setitem(data.KNOWN_SHA256, "green_tripdata_2020-05.parquet", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setitem(tlc.KNOWN_SHA256, "green_tripdata_2020-05.parquet", hashlib.sha256(payload).hexdigest())
     monkeypatch.setenv("TLC_MIRROR", url)
-    path = data.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    path = tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False)
     assert path == isolated / "green_tripdata_2020-05.parquet"
     assert path.read_bytes() == payload
     # a second call is served from the verified cache even with the mirror gone
     (folder / "green_tripdata_2020-05.parquet").unlink()
-    assert data.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False) == path
+    assert tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False) == path
 
 
 def test_checksum_mismatch_refuses_and_leaves_nothing(http_folder, isolated, tmp_path, monkeypatch):
     folder, url = http_folder
     payload = _month_bytes(tmp_path)
     (folder / "green_tripdata_2020-05.parquet").write_bytes(payload)
-    monkeypatch.setitem(data.KNOWN_SHA256, "green_tripdata_2020-05.parquet", "0" * 64)
+    monkeypatch.setitem(tlc.KNOWN_SHA256, "green_tripdata_2020-05.parquet", "0" * 64)
     monkeypatch.setenv("TLC_MIRROR", url)
-    with pytest.raises(data.ChecksumMismatch) as excinfo:
-        data.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    with pytest.raises(tlc.ChecksumMismatch) as excinfo:
+        tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False)
     message = str(excinfo.value)
     assert "green_tripdata_2020-05.parquet" in message
     assert hashlib.sha256(payload).hexdigest() in message and "0" * 64 in message
@@ -83,10 +83,10 @@ def test_mirror_folder_and_real_checksums(isolated, monkeypatch, real_data_dir):
     if real_data_dir is None:
         pytest.skip("TLC_MIRROR with the real files is not set")
     monkeypatch.setenv("TLC_MIRROR", str(real_data_dir))
-    path = data.fetch_month("green", 2021, 2, allow_synthetic=False, progress=False)
-    assert data.sha256_of(path) == data.KNOWN_SHA256[path.name]
+    path = tlc.fetch_month("green", 2021, 2, allow_synthetic=False, progress=False)
+    assert tlc.sha256_of(path) == tlc.KNOWN_SHA256[path.name]
     assert len(pd.read_parquet(path)) == 64_572
-    zones = data.load_zones()
+    zones = tlc.load_zones()
     assert len(zones) == 265
     # pandas would read the literal "N/A" as missing without keep_default_na=False
     assert zones.set_index("LocationID").loc[265, "Zone"] == "Outside of NYC"
@@ -96,8 +96,8 @@ def test_mirror_folder_and_real_checksums(isolated, monkeypatch, real_data_dir):
 
 def test_unavailable_month_names_what_was_tried(isolated, monkeypatch, tmp_path):
     monkeypatch.setenv("TLC_MIRROR", str(tmp_path / "empty-mirror"))
-    with pytest.raises(data.DataUnavailable) as excinfo:
-        data.fetch_month("green", 2019, 7, allow_synthetic=False, progress=False)
+    with pytest.raises(tlc.DataUnavailable) as excinfo:
+        tlc.fetch_month("green", 2019, 7, allow_synthetic=False, progress=False)
     message = str(excinfo.value)
     assert str(tmp_path / "empty-mirror" / "green_tripdata_2019-07.parquet") in message
     assert "http://127.0.0.1:9/trip-data/green_tripdata_2019-07.parquet" in message
@@ -105,10 +105,10 @@ def test_unavailable_month_names_what_was_tried(isolated, monkeypatch, tmp_path)
 
 def test_synthetic_fallback_warns_and_matches_schema(isolated, real_data_dir):
     with pytest.warns(RuntimeWarning, match="SYNTHETIC"):
-        path = data.fetch_month("green", 2019, 7, progress=False)
+        path = tlc.fetch_month("green", 2019, 7, progress=False)
     assert path.name == "green_tripdata_2019-07.synthetic.parquet"
     df = pd.read_parquet(path)
-    assert list(df.columns) == data.GREEN_COLUMNS and len(df.columns) == 20
+    assert list(df.columns) == tlc.GREEN_COLUMNS and len(df.columns) == 20
     assert df["lpep_pickup_datetime"].dt.month.eq(7).all()
     duration = (df["lpep_dropoff_datetime"] - df["lpep_pickup_datetime"]).dt.total_seconds() / 60
     assert 0.7 < duration.between(1, 60).mean() < 1.0  # mostly kept by the course's filter
@@ -120,7 +120,7 @@ def test_synthetic_fallback_warns_and_matches_schema(isolated, real_data_dir):
 
 def test_fetch_month_cli_reports_failure(isolated, monkeypatch, capsys):
     monkeypatch.setenv("TLC_SYNTHETIC_FALLBACK", "0")
-    assert data.main(["2019-07"]) == 1
+    assert tlc.main(["2019-07"]) == 1
     assert "green_tripdata_2019-07.parquet could not be had" in capsys.readouterr().out
 
 
@@ -134,11 +134,11 @@ def test_relative_mirror_resolves_against_repo(monkeypatch):
 # ----------------------------------------------------------------------------- provenance
 def test_synthetic_files_carry_a_marker_and_are_described_as_synthetic(tmp_path):
     """A synthetic month is recognised by its parquet footer, whatever its name or folder."""
-    path = data.write_synthetic_month(tmp_path / "green_tripdata_2021-01.parquet", 2021, 1, n_rows=300)
+    path = tlc.write_synthetic_month(tmp_path / "green_tripdata_2021-01.parquet", 2021, 1, n_rows=300)
     plain = tmp_path / "plain.parquet"
     pd.read_parquet(path).to_parquet(plain, index=False)  # same rows, written without the marker
-    assert data.is_synthetic(path) and not data.is_synthetic(plain)
-    described = data.describe_file(path)
+    assert tlc.is_synthetic(path) and not tlc.is_synthetic(plain)
+    described = tlc.describe_file(path)
     assert described == {
         "file": "green_tripdata_2021-01.parquet",
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -148,9 +148,9 @@ def test_synthetic_files_carry_a_marker_and_are_described_as_synthetic(tmp_path)
         "synthetic": True,
         "verified": False,  # the official January has another checksum
     }
-    assert data.describe_file(plain)["synthetic"] is False
-    assert data.describe_file(plain, synthetic=True)["synthetic"] is True  # a caller may say so, never hide it
-    both = data.training_provenance(path, plain)
+    assert tlc.describe_file(plain)["synthetic"] is False
+    assert tlc.describe_file(plain, synthetic=True)["synthetic"] is True  # a caller may say so, never hide it
+    both = tlc.training_provenance(path, plain)
     assert both["synthetic"] is True and both["train"]["synthetic"] and not both["valid"]["synthetic"]
 
 
@@ -158,21 +158,21 @@ def test_locate_month_names_its_source(http_folder, isolated, tmp_path, monkeypa
     folder, url = http_folder
     (folder / "green_tripdata_2020-05.parquet").write_bytes(_month_bytes(tmp_path))
     monkeypatch.setenv("TLC_MIRROR", url)
-    first = data.locate_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    first = tlc.locate_month("green", 2020, 5, allow_synthetic=False, progress=False)
     assert first.source == f"TLC_MIRROR {url}/green_tripdata_2020-05.parquet"
-    again = data.locate_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    again = tlc.locate_month("green", 2020, 5, allow_synthetic=False, progress=False)
     assert again.source == f"cache {isolated / 'green_tripdata_2020-05.parquet'}"
-    assert data.describe_file(again)["source"] == again.source
+    assert tlc.describe_file(again)["source"] == again.source
     # the mirror served a synthetic file: its marker says so even after the copy
-    assert data.describe_file(again)["synthetic"] is True
+    assert tlc.describe_file(again)["synthetic"] is True
 
     monkeypatch.delenv("TLC_MIRROR")
     with pytest.warns(RuntimeWarning, match="SYNTHETIC"):
-        fallback = data.locate_month("green", 2019, 7, progress=False)
+        fallback = tlc.locate_month("green", 2019, 7, progress=False)
     assert (fallback.source, fallback.synthetic) == ("synthetic fallback", True)
-    assert data.describe_file(fallback)["synthetic"] is True
-    with pytest.raises(data.DataUnavailable) as excinfo:
-        data.locate_month("green", 2019, 8, allow_synthetic=False, progress=False)
+    assert tlc.describe_file(fallback)["synthetic"] is True
+    with pytest.raises(tlc.DataUnavailable) as excinfo:
+        tlc.locate_month("green", 2019, 8, allow_synthetic=False, progress=False)
     [tried] = excinfo.value.tried  # what training's refusal lists
     assert tried.startswith("http://127.0.0.1:9/trip-data/green_tripdata_2019-08.parquet (")
 
@@ -181,8 +181,8 @@ def test_real_months_are_described_as_real_and_verified(isolated, monkeypatch, r
     if real_data_dir is None:
         pytest.skip("TLC_MIRROR with the real files is not set")
     monkeypatch.setenv("TLC_MIRROR", str(real_data_dir))
-    january = data.locate_month("green", 2021, 1, allow_synthetic=False, progress=False)
-    assert data.describe_file(january) == {
+    january = tlc.locate_month("green", 2021, 1, allow_synthetic=False, progress=False)
+    assert tlc.describe_file(january) == {
         "file": "green_tripdata_2021-01.parquet",
         "sha256": "b8e2c9496c5eada0f10adbd88f98d91721ec6fe2787a2b355cf0ccfa9678ee7b",
         "size": 1_333_519,

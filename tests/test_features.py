@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ride_duration.features import add_duration, prepare_features
 from ride_duration.predict import make_prediction
-from ride_duration.utils import add_duration, load_training_dataframe, prepare_features
+from ride_duration.tlc import load_training_dataframe
 
 EXAMPLE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 
@@ -138,7 +139,7 @@ def test_check_ride_and_ride_problems_agree(ride, problem):
     """The web and the stream hold each ride to `check_ride`, batch holds a month to
     `ride_problems`: the same verdict and the same sentence, ride by ride, alone in a
     frame and mixed into one frame with every other ride of the table."""
-    from ride_duration.utils import InvalidRide, check_ride, ride_problems
+    from ride_duration.features import InvalidRide, check_ride, ride_problems
 
     table = [c.values[0] if hasattr(c, "values") else c[0] for c in CONTRACT]
     position = next(i for i, r in enumerate(table) if r is ride)
@@ -156,7 +157,7 @@ def test_check_ride_and_ride_problems_agree(ride, problem):
 
 def test_nan_is_missing_in_a_frame_and_not_finite_in_a_ride():
     """The one wording difference: in a DataFrame NaN is how a missing value reads."""
-    from ride_duration.utils import InvalidRide, check_ride, ride_problems
+    from ride_duration.features import InvalidRide, check_ride, ride_problems
 
     ride = {**EXAMPLE, "trip_distance": math.nan}
     with pytest.raises(InvalidRide, match="ride 0: field 'trip_distance' must be finite, got nan"):

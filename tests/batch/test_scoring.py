@@ -11,10 +11,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from ride_duration import batch
+from ride_duration import registry
 from ride_duration.aws import storage_options
+from ride_duration.batch import paths as batch_paths
+from ride_duration.batch import scoring
 from ride_duration.config import get_settings
-from ride_duration.utils import load_training_dataframe
+from ride_duration.tlc import load_training_dataframe
 
 from .helpers import list_keys, month_with_bad_rows, object_exists, rides_of_1_to_60_minutes
 
@@ -32,32 +34,33 @@ RUN_ID = "0123456789abcdef0123456789abcdef"
     ],
 )
 def test_previous_month(run_date, expected):
-    assert batch.previous_month(run_date) == expected
+    assert batch_paths.previous_month(run_date) == expected
 
 
 def test_get_paths_year_boundary_and_layout(monkeypatch):
     monkeypatch.delenv("BATCH_INPUT_PREFIX", raising=False)
     monkeypatch.setenv("PREDICTIONS_BUCKET", "nyc-duration-prediction")
-    paths = batch.get_paths(date(2021, 1, 5), "green", RUN_ID)
+    paths = batch_paths.get_paths(date(2021, 1, 5), "green", RUN_ID)
     assert (paths.year, paths.month) == (2020, 12)
     assert paths.input_file == "https://d37ci6vzurychx.cloudfront.net/trip-data/green_tripdata_2020-12.parquet"
     assert paths.output_file == (f"s3://nyc-duration-prediction/taxi_type=green/year=2020/month=12/{RUN_ID}.parquet")
     monkeypatch.setenv("BATCH_INPUT_PREFIX", "s3://tlc/trip-data/")
     assert (
-        batch.get_paths("2021-03-02", "green", RUN_ID).input_file == "s3://tlc/trip-data/green_tripdata_2021-02.parquet"
+        batch_paths.get_paths("2021-03-02", "green", RUN_ID).input_file
+        == "s3://tlc/trip-data/green_tripdata_2021-02.parquet"
     )
 
 
 def test_months_and_run_dates():
-    assert batch.months_between("2020-11", "2021-02") == [(2020, 11), (2020, 12), (2021, 1), (2021, 2)]
-    assert batch.run_date_for(2020, 12) == datetime(2021, 1, 2, 3, 0)
-    assert batch.previous_month(batch.run_date_for(2020, 12)) == (2020, 12)
+    assert batch_paths.months_between("2020-11", "2021-02") == [(2020, 11), (2020, 12), (2021, 1), (2021, 2)]
+    assert batch_paths.run_date_for(2020, 12) == datetime(2021, 1, 2, 3, 0)
+    assert batch_paths.previous_month(batch_paths.run_date_for(2020, 12)) == (2020, 12)
     with pytest.raises(ValueError, match="before start"):
-        batch.months_between("2021-02", "2021-01")
+        batch_paths.months_between("2021-02", "2021-01")
 
 
 def test_generate_uuids_are_unique_version_4():
-    ids = batch.generate_uuids(100_000).to_pylist()
+    ids = scoring.generate_uuids(100_000).to_pylist()
     assert len(set(ids)) == len(ids)
     for value in ids[:1000]:
         parsed = uuid.UUID(value)
@@ -73,9 +76,9 @@ def feb(synthetic_months):
 def test_save_results_schema_and_unique_ids(feb, tmp_path):
     preds = np.full(len(feb), 10.0)
     out = tmp_path / "out" / "result.parquet"
-    batch.save_results(feb, preds, RUN_ID, str(out))
+    scoring.save_results(feb, preds, RUN_ID, str(out))
     df = pd.read_parquet(out)
-    assert list(df.columns) == list(batch.RESULT_COLUMNS)
+    assert list(df.columns) == list(scoring.RESULT_COLUMNS)
     assert len(df) == len(feb) and df["ride_id"].is_unique
     assert (df["model_version"] == RUN_ID).all()
     np.testing.assert_allclose(df["diff"], feb["duration"] - 10.0)
@@ -93,7 +96,7 @@ def test_crash_mid_write_leaves_no_local_file(feb, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", write_then_crash)
     with pytest.raises(OSError, match="injected"):
-        batch.save_results(feb, np.zeros(len(feb)), RUN_ID, str(out))
+        scoring.save_results(feb, np.zeros(len(feb)), RUN_ID, str(out))
     assert not out.exists()
     assert not list(tmp_path.iterdir())
 
@@ -102,11 +105,11 @@ def test_crash_mid_write_to_s3_keeps_previous_object(batch_stack, feb, monkeypat
     """A re-run for the same month and model targets the same key; if it crashes
     half-way, the key still holds the complete earlier output, never a partial one."""
     key = f"s3://{get_settings().predictions_bucket}/atomic-test/{RUN_ID}.parquet"
-    batch.save_results(feb, np.full(len(feb), 1.0), RUN_ID, key)
+    scoring.save_results(feb, np.full(len(feb), 1.0), RUN_ID, key)
     before = pd.read_parquet(key, storage_options=storage_options(key))
 
     calls = {"n": 0}
-    real_build = batch.core.build_results
+    real_build = scoring.build_results
 
     def crash_on_second_batch(*args, **kwargs):
         calls["n"] += 1
@@ -114,12 +117,12 @@ def test_crash_mid_write_to_s3_keeps_previous_object(batch_stack, feb, monkeypat
             raise MemoryError("killed mid-month (injected)")
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(batch.core, "build_results", crash_on_second_batch)
-    paths = batch.BatchPaths("green", 2021, 2, "unused", key)
-    monkeypatch.setattr(batch.core, "open_input", lambda paths, settings=None: "in.parquet")
-    monkeypatch.setattr(batch.core, "iter_month", lambda location, batch_size, **_: iter([feb[:100], feb[100:200]]))
+    monkeypatch.setattr(scoring, "build_results", crash_on_second_batch)
+    paths = batch_paths.BatchPaths("green", 2021, 2, "unused", key)
+    monkeypatch.setattr(scoring, "open_input", lambda paths, settings=None: "in.parquet")
+    monkeypatch.setattr(scoring, "iter_month", lambda location, batch_size, **_: iter([feb[:100], feb[100:200]]))
     with pytest.raises(MemoryError):
-        batch.score_month(paths, _ConstantModel(), RUN_ID)
+        scoring.score_month(paths, _ConstantModel(), RUN_ID)
     after = pd.read_parquet(key, storage_options=storage_options(key))
     pd.testing.assert_frame_equal(before, after)
 
@@ -127,7 +130,7 @@ def test_crash_mid_write_to_s3_keeps_previous_object(batch_stack, feb, monkeypat
     fresh = key.replace("atomic-test/", "atomic-test/fresh-")
     calls["n"] = 0
     with pytest.raises(MemoryError):
-        batch.score_month(dataclasses.replace(paths, output_file=fresh), _ConstantModel(), RUN_ID)
+        scoring.score_month(dataclasses.replace(paths, output_file=fresh), _ConstantModel(), RUN_ID)
     assert not object_exists(fresh)
     assert list_keys(get_settings().predictions_bucket, "atomic-test/") == [f"atomic-test/{RUN_ID}.parquet"]
 
@@ -142,29 +145,31 @@ def test_missing_column_is_named(tmp_path, synthetic_months, batch_stack):
     df = pd.read_parquet(synthetic_months[(2021, 2)]).drop(columns=["trip_distance"])
     bad = tmp_path / "green_tripdata_2021-02.parquet"
     df.to_parquet(bad)
-    paths = batch.month_paths("green", 2021, 2, RUN_ID, input_file=str(bad), output_file=str(tmp_path / "o.parquet"))
+    paths = batch_paths.month_paths(
+        "green", 2021, 2, RUN_ID, input_file=str(bad), output_file=str(tmp_path / "o.parquet")
+    )
     with pytest.raises(
-        batch.InputUnreadable, match=rf"^green 2021-02: {bad} is missing required column\(s\): trip_distance$"
+        scoring.InputUnreadable, match=rf"^green 2021-02: {bad} is missing required column\(s\): trip_distance$"
     ):
-        batch.score_month(paths, _ConstantModel(), RUN_ID)
+        scoring.score_month(paths, _ConstantModel(), RUN_ID)
     assert not (tmp_path / "o.parquet").exists()
 
 
 def test_missing_month_names_month_and_location(batch_stack, s3_input, tmp_path, monkeypatch):
-    paths = batch.get_paths("2021-04-02", "green", RUN_ID)
+    paths = batch_paths.get_paths("2021-04-02", "green", RUN_ID)
     with pytest.raises(
-        batch.InputNotFound, match=r"green 2021-03: s3://.*/green_tripdata_2021-03\.parquet does not exist"
+        scoring.InputNotFound, match=r"green 2021-03: s3://.*/green_tripdata_2021-03\.parquet does not exist"
     ):
-        batch.score_month(paths, _ConstantModel(), RUN_ID)
+        scoring.score_month(paths, _ConstantModel(), RUN_ID)
     assert not object_exists(paths.output_file)
 
     # Without a prefix the TLC route is used: cache, TLC_MIRROR, URL; never synthetic data.
     monkeypatch.delenv("BATCH_INPUT_PREFIX")
     monkeypatch.setenv("TLC_MIRROR", str(tmp_path))
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "cache"))
-    paths = batch.get_paths("2021-04-02", "green", RUN_ID)
-    with pytest.raises(batch.InputNotFound, match=rf"green 2021-03: .*{tmp_path}/green_tripdata_2021-03\.parquet"):
-        batch.score_month(paths, _ConstantModel(), RUN_ID)
+    paths = batch_paths.get_paths("2021-04-02", "green", RUN_ID)
+    with pytest.raises(scoring.InputNotFound, match=rf"green 2021-03: .*{tmp_path}/green_tripdata_2021-03\.parquet"):
+        scoring.score_month(paths, _ConstantModel(), RUN_ID)
     assert not (tmp_path / "cache" / "green_tripdata_2021-03.synthetic.parquet").exists()
 
 
@@ -178,16 +183,16 @@ def test_mirror_input_scores_like_direct_prediction(batch_stack, batch_model, re
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "cache"))
     from mlflow.tracking import MlflowClient
 
-    ref = batch.resolve_model("production")
+    ref = registry.resolve_model("production")
     alias = MlflowClient().get_model_version_by_alias(get_settings().model_name, "production")
     assert ref.run_id == alias.run_id and ref.uri == f"models:/{alias.name}/{alias.version}"
-    model, version = batch.load_cached_model(ref.uri)
+    model, version = scoring.load_cached_model(ref.uri)
     paths = dataclasses.replace(
-        batch.get_paths("2021-03-02", "green", ref.run_id), output_file=str(tmp_path / "feb.parquet")
+        batch_paths.get_paths("2021-03-02", "green", ref.run_id), output_file=str(tmp_path / "feb.parquet")
     )
-    result = batch.score_month(paths, model, version, batch_size=20_000)
+    result = scoring.score_month(paths, model, version, batch_size=20_000)
     month = load_training_dataframe(real_data_dir / "green_tripdata_2021-02.parquet")  # the course's 61,921
-    expected, rejects = batch.split_rides(month)
+    expected, rejects = scoring.split_rides(month)
     written = pd.read_parquet(tmp_path / "feb.parquet")
     # Real February 2021: 26 rides over 500 miles (up to 102,621) are rejected, like any invalid ride.
     assert len(month) == result.rows + result.rejected == 61921
@@ -197,31 +202,33 @@ def test_mirror_input_scores_like_direct_prediction(batch_stack, batch_model, re
     kept = rides_of_1_to_60_minutes(real_data_dir / "green_tripdata_2021-02.parquet")
     assert pd.read_parquet(result.rejects_file)["row"].tolist() == [kept[i] for i in rejects["row"]]
     assert (tmp_path / "cache" / "green_tripdata_2021-02.parquet").is_file()
-    np.testing.assert_allclose(written["predicted_duration"], batch.predict_durations(model, expected))
+    np.testing.assert_allclose(written["predicted_duration"], scoring.predict_durations(model, expected))
     assert result.rmse == pytest.approx(np.sqrt(np.mean(written["diff"] ** 2)))
 
 
 def test_design_matrix_equals_dictvectorizer(batch_model, trained_model, feb):
     """The column-wise fast path builds exactly DictVectorizer's matrix, drops unseen
     zone pairs like it does, and falls back (with the usual clear error) on bad rows."""
+    from ride_duration.features import prepare_features
     from ride_duration.predict import make_prediction
-    from ride_duration.utils import prepare_features
 
     pipeline = trained_model["pipeline"]
     rides = feb.copy()
     vocabulary = pipeline[0].vocabulary_
     unseen = next((pu, do) for pu in range(1, 266) for do in range(1, 266) if f"PU_DO={pu}_{do}" not in vocabulary)
     rides.loc[0, ["PULocationID", "DOLocationID"]] = unseen  # valid zones, a pair unseen in training
-    fast = batch.design_matrix(pipeline, rides)
+    fast = scoring.design_matrix(pipeline, rides)
     reference = pipeline[0].transform(prepare_features(rides))
     assert fast.shape == reference.shape and (fast != reference).nnz == 0
-    np.testing.assert_array_equal(batch.predict_durations(pipeline, rides, n_jobs=1), make_prediction(pipeline, rides))
+    np.testing.assert_array_equal(
+        scoring.predict_durations(pipeline, rides, n_jobs=1), make_prediction(pipeline, rides)
+    )
 
     bad = rides.astype({"trip_distance": object})
     bad.loc[3, "trip_distance"] = "far"
-    assert batch.design_matrix(pipeline, bad) is None
+    assert scoring.design_matrix(pipeline, bad) is None
     with pytest.raises(ValueError, match="ride 3: field 'trip_distance' must be a number"):
-        batch.predict_durations(pipeline, bad)
+        scoring.predict_durations(pipeline, bad)
 
 
 def test_predict_durations_never_lets_invalid_rides_reach_the_model(trained_model, feb, monkeypatch):
@@ -229,13 +236,13 @@ def test_predict_durations_never_lets_invalid_rides_reach_the_model(trained_mode
     naming no ride; a negative distance was scored. Both are refused, naming the ride."""
     pipeline = trained_model["pipeline"]
     seen = []
-    real = batch.core.design_matrix
-    monkeypatch.setattr(batch.core, "design_matrix", lambda model, df: seen.append(len(df)) or real(model, df))
+    real = scoring.design_matrix
+    monkeypatch.setattr(scoring, "design_matrix", lambda model, df: seen.append(len(df)) or real(model, df))
     for value, shown in ((1e39, "1e+39"), (-5.0, "-5.0")):
         rides = feb.copy()
         rides.loc[7, "trip_distance"] = value
         with pytest.raises(ValueError) as info:
-            batch.predict_durations(pipeline, rides)
+            scoring.predict_durations(pipeline, rides)
         assert str(info.value) == f"ride 7: field 'trip_distance' must be between 0 and 500 miles, got {shown}"
     assert seen == []  # the fast path never saw them
 
@@ -243,7 +250,7 @@ def test_predict_durations_never_lets_invalid_rides_reach_the_model(trained_mode
 # ----------------------------------------------------------------------------- bad rows: rejected, not fatal
 def _feb_paths(tmp_path, input_file, name="out"):
     bucket = get_settings().predictions_bucket
-    return batch.month_paths(
+    return batch_paths.month_paths(
         "green",
         2021,
         2,
@@ -282,7 +289,7 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
     paths = _feb_paths(tmp_path, month)
     pipeline = trained_model["pipeline"]
     # Batches of 500: some have the null zone (arrow gives pandas a float column), some not.
-    result = batch.score_month(paths, pipeline, RUN_ID, batch_size=500)
+    result = scoring.score_month(paths, pipeline, RUN_ID, batch_size=500)
 
     assert result.rows == len(kept) - 6 and result.rejected == 6
     assert result.rejected_by_reason == {
@@ -292,7 +299,7 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
     }
     assert result.rejects_file == f"{paths.output_file.rpartition('/')[0]}/_{RUN_ID}.rejects.parquet"
     rejects = _read_s3(result.rejects_file)
-    assert list(rejects.columns) == list(batch.REJECT_COLUMNS)
+    assert list(rejects.columns) == list(scoring.REJECT_COLUMNS)
     assert rejects["row"].tolist() == sorted(bad)
     assert (
         dict(zip(rejects["row"], rejects["reason"]))[kept[500]]
@@ -304,15 +311,15 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
     written = _read_s3(paths.output_file)
     assert len(written) == result.rows and (written["trip_distance"] >= 0).all()
     assert written["PULocationID"].dtype == "int64" and written["PULocationID"].between(1, 265).all()
-    valid = batch.split_rides(load_training_dataframe(month))[0]
-    np.testing.assert_allclose(written["predicted_duration"], batch.predict_durations(pipeline, valid))
+    valid = scoring.split_rides(load_training_dataframe(month))[0]
+    np.testing.assert_allclose(written["predicted_duration"], scoring.predict_durations(pipeline, valid))
     assert result.rmse == pytest.approx(np.sqrt(np.mean(written["diff"] ** 2)))
     # The `_` prefix keeps the rejects out of the predictions dataset read as a folder.
     folder = paths.output_file.rpartition("/")[0] + "/"
     assert len(_read_s3(folder)) == result.rows
 
     # Re-run on the repaired month: the same keys, replaced; the stale rejects object is gone.
-    again = batch.score_month(dataclasses.replace(paths, input_file=str(source)), pipeline, RUN_ID)
+    again = scoring.score_month(dataclasses.replace(paths, input_file=str(source)), pipeline, RUN_ID)
     assert again.rejected == 0 and again.rejects_file is None and again.rows == len(kept)
     prefix = folder.removeprefix(f"s3://{get_settings().predictions_bucket}/")
     assert list_keys(get_settings().predictions_bucket, prefix) == [f"{prefix}{RUN_ID}.parquet"]
@@ -330,8 +337,8 @@ def test_more_than_one_percent_bad_rows_fails_the_month_and_publishes_nothing(
     )
     paths = _feb_paths(tmp_path, month, name="too-many")
     share = f"{n_bad / len(kept):.1%}"
-    with pytest.raises(batch.TooManyRejects) as info:
-        batch.score_month(paths, trained_model["pipeline"], RUN_ID, batch_size=500)
+    with pytest.raises(scoring.TooManyRejects) as info:
+        scoring.score_month(paths, trained_model["pipeline"], RUN_ID, batch_size=500)
     assert str(info.value) == (
         f"green 2021-02: {n_bad} of {len(kept):,} rides of 1-60 minutes in {month} ({share}) break the ride contract, "
         f"above the 1% limit ({n_bad} with field 'trip_distance' must be between 0 and 500 miles); nothing was published"
@@ -342,7 +349,7 @@ def test_more_than_one_percent_bad_rows_fails_the_month_and_publishes_nothing(
     at_limit = month_with_bad_rows(
         source, tmp_path / "limit.parquet", {row: {"trip_distance": -2.0} for row in kept[: len(kept) // 100]}
     )
-    result = batch.score_month(_feb_paths(tmp_path, at_limit, name="at-limit"), trained_model["pipeline"], RUN_ID)
+    result = scoring.score_month(_feb_paths(tmp_path, at_limit, name="at-limit"), trained_model["pipeline"], RUN_ID)
     assert result.rejected == len(kept) // 100 and result.rows == len(kept) - result.rejected
 
 
@@ -358,9 +365,11 @@ def test_truncated_parquet_names_file_and_month(batch_stack, synthetic_months, t
         bucket = get_settings().predictions_bucket
         s3_client().upload_file(location, bucket, "truncated/green_tripdata_2021-02.parquet")
         location = f"s3://{bucket}/truncated/green_tripdata_2021-02.parquet"
-    paths = batch.month_paths("green", 2021, 2, RUN_ID, input_file=location, output_file=str(tmp_path / "o.parquet"))
-    with pytest.raises(batch.InputUnreadable) as info:
-        batch.score_month(paths, _ConstantModel(), RUN_ID)
+    paths = batch_paths.month_paths(
+        "green", 2021, 2, RUN_ID, input_file=location, output_file=str(tmp_path / "o.parquet")
+    )
+    with pytest.raises(scoring.InputUnreadable) as info:
+        scoring.score_month(paths, _ConstantModel(), RUN_ID)
     assert str(info.value).startswith(f"green 2021-02: {location} could not be read as parquet: ")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "o.parquet").exists()
@@ -371,7 +380,7 @@ def test_missing_artifacts_say_so_and_where(batch_stack, trained_model, monkeypa
     """A registry entry whose S3 objects are gone (the local S3 crashed): the error says the
     artifacts are missing, under which bucket/prefix, on which endpoint; not "holds no MLflow model"."""
     from ride_duration.aws import s3_client, split_s3_uri
-    from ride_duration.predict import ModelNotFound, load_model, resolve_model
+    from ride_duration.registry import ModelNotFound, load_model, resolve_model
     from ride_duration.train import log_to_mlflow
 
     monkeypatch.setenv("MODEL_NAME", "ArtifactsGoneModel")  # leave the session's production model alone
@@ -396,7 +405,7 @@ def test_model_carries_its_training_data_provenance(trained_model, tmp_path):
     import skops.io
     import yaml
 
-    from ride_duration.predict import TRUSTED_TYPES, load_model
+    from ride_duration.registry import TRUSTED_TYPES, load_model
 
     provenance = {"train": {"file": "green_tripdata_2021-01.parquet", "sha256": "b8e2c9", "synthetic": False}}
     for name, metadata in (("with", {"training_data": provenance}), ("without", None)):

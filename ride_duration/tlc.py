@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .aws import storage_options
 from .config import Settings, get_settings
+from .features import add_duration, check_columns
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +334,7 @@ def write_synthetic_month(path: Path, year: int, month: int, n_rows: int = 60_00
     tmp = path.with_name(f".{path.name}.part")
     table = pa.Table.from_pandas(synthetic_month(year, month, n_rows=n_rows, seed=seed), preserve_index=False)
     marker = {
-        "generator": "ride_duration.data.synthetic_month",
+        "generator": "ride_duration.tlc.synthetic_month",
         "year": int(year),
         "month": int(month),
         "n_rows": int(n_rows),
@@ -349,9 +351,7 @@ def _open(path: str):
     """A binary file object for a local path, file://, http(s):// or s3:// location."""
     if "://" not in path or path.startswith("file://"):
         return open(path.removeprefix("file://"), "rb")
-    import fsspec
-
-    from .aws import storage_options
+    import fsspec  # lazy: only for remote inputs
 
     return fsspec.open(path, "rb", **(storage_options(path) or {})).open()
 
@@ -421,6 +421,19 @@ def training_provenance(train_file, valid_file, synthetic: bool | None = None) -
     train = describe_file(train_file, synthetic=synthetic)
     valid = describe_file(valid_file, synthetic=synthetic)
     return {"synthetic": train["synthetic"] or valid["synthetic"], "train": train, "valid": valid}
+
+
+def read_parquet(path, columns=None) -> pd.DataFrame:
+    """Read parquet from a local path, an http(s):// URL or an s3:// URL."""
+    path = str(path)
+    return pd.read_parquet(path, columns=columns, storage_options=storage_options(path))
+
+
+def load_training_dataframe(path, y_min: float = 1, y_max: float = 60, columns=None) -> pd.DataFrame:
+    """A green-taxi month with the target `duration` in minutes, filtered to [y_min, y_max]."""
+    df = read_parquet(path, columns=columns)
+    check_columns(df, source=str(path))
+    return add_duration(df, y_min=y_min, y_max=y_max)
 
 
 def main(argv=None) -> int:

@@ -117,6 +117,16 @@ def test_equal_on_synthetic_and_edge_rides(small, tmp_path):
     assert fast.walk([]).shape == (0,)
 
 
+def test_a_compressed_form_loads_the_same(small, tmp_path):
+    pipeline, features = small
+    plain, packed = (
+        FastForest.from_pipeline(pipeline).save(tmp_path / name, compress=name == "packed")
+        for name in ("plain", "packed")
+    )
+    assert packed[1].stat().st_size < plain[1].stat().st_size / 2
+    assert np.array_equal(FastForest.load(tmp_path / "packed").walk(features), pipeline.predict(features))
+
+
 def test_a_single_tree_pipeline_round_trips(synthetic_months, tmp_path):
     pipeline = _fit(synthetic_months[(2021, 1)], DecisionTreeRegressor(max_depth=8, random_state=0))
     FastForest.from_pipeline(pipeline).save(tmp_path)

@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m ipykernel install --sys-prefix --name ride-duration --display-name "Python (ride-duration)" >/dev/null
+	@# workbench/ and benchmarks/ import from the checkout (a .pth file); they are not in the wheel.
+	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'ride_duration_workbench.pth').write_text(str(pathlib.Path.cwd()) + '\n')"
 	@touch $@
 
 kernel: venv ## also register the kernel for your user's Jupyter
@@ -44,11 +46,11 @@ test-fast: venv ## the tests that start no server (about 10 s)
 
 # --- local stack ---------------------------------------------------------------
 services-up: venv ## start S3 (SeaweedFS, 4572), Kinesis (moto, 4566), MLflow (5000), Prefect (4200)
-	$(PY) -m ride_duration.stack up
+	$(PY) -m workbench.stack up
 services-down: venv ## stop them (S3 objects stay on disk in .local/seaweedfs)
-	$(PY) -m ride_duration.stack down
+	$(PY) -m workbench.stack down
 services-status: venv
-	$(PY) -m ride_duration.stack status
+	$(PY) -m workbench.stack status
 
 # --- part 1-2: data, model, registry -----------------------------------------
 data: venv ## fetch green 2021-01/02 + zones (TLC_MIRROR, checksums, fallback)
@@ -60,19 +62,19 @@ build: venv ## sdist + wheel into dist/, checked by twine
 
 # --- part 3: web service -------------------------------------------------------
 serve: venv ## gunicorn on :9696 with the production model
-	$(PY) -m ride_duration.web serve
+	$(PY) -m workbench.stack run -- $(PY) -m ride_duration.web serve
 predict: venv ## post the example ride to the web service
 	$(PY) scripts/predict_client.py --host localhost:9696
-bench-web: venv
-	$(PY) scripts/bench_web.py
+bench-web: venv ## the service vs the 2022 design vs hello world, same load
+	$(PY) -m benchmarks.web
 
 # --- part 4: streaming ---------------------------------------------------------
-stream-run: venv ## the local Kinesis event-source runner
-	$(PY) -m ride_duration.stream run
+stream-run: venv ## the local Kinesis event source: invokes the stream function
+	$(PY) -m workbench.event_source
 invoke-server: venv ## the local Lambda invoke endpoint on :8080
-	$(PY) -m ride_duration.stream invoke-server
-bench-stream: venv
-	$(PY) scripts/bench_stream.py
+	$(PY) -m workbench.invoke
+bench-stream: venv ## a Kinesis batch vs the 2022 design; the cold start vs its floor
+	$(PY) -m benchmarks.stream
 
 # --- part 5: batch -------------------------------------------------------------
 score: venv ## papermill report for MONTH=YYYY-MM into reports/
@@ -84,7 +86,7 @@ deploy: venv ## create the `monthly` Prefect deployment and serve its runs
 bench-batch: venv
 	$(PY) scripts/bench_batch.py
 bench-images: venv ## each image's installed size, replayed from its Pipfile.lock categories
-	$(PY) scripts/bench_images.py
+	$(PY) -m benchmarks.images
 
 clean:
 	rm -rf dist build *.egg-info reports .pytest_cache

@@ -37,7 +37,7 @@ TRUSTED_TYPES = [
     "builtins.str",
 ]
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-_REGISTRY_SCHEMES = ("models:/", "runs:/")
+REGISTRY_SCHEMES = ("models:/", "runs:/")
 
 
 class ModelNotFound(LookupError):
@@ -134,7 +134,7 @@ def resolve_model(ref: str | None = None, settings: Settings | None = None) -> M
         return _pin_registered(uri, settings)
     if uri.startswith("runs:/"):
         return ModelRef(uri=uri, run_id=uri.removeprefix("runs:/").split("/", 1)[0])
-    return ModelRef(uri=uri, run_id=_version(read_mlmodel(uri, settings=settings), uri))
+    return ModelRef(uri=uri, run_id=version_of(read_mlmodel(uri, settings=settings), uri))
 
 
 def _pin_registered(uri: str, settings: Settings) -> ModelRef:
@@ -198,7 +198,7 @@ def production_model_s3(settings: Settings | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- fetching the files
 def _where(uri: str, settings: Settings) -> str:
-    if uri.startswith(_REGISTRY_SCHEMES):
+    if uri.startswith(REGISTRY_SCHEMES):
         return f"through the MLflow tracking server {settings.mlflow_tracking_uri}"
     if uri.startswith("s3://"):
         return f"in S3 at {_s3_endpoint(settings)}"
@@ -209,9 +209,12 @@ def _s3_endpoint(settings: Settings) -> str:
     return settings.mlflow_s3_endpoint_url or "AWS (default endpoint)"
 
 
-def _artifact_location(uri: str) -> str | None:
+def artifact_location(uri: str, settings: Settings) -> str | None:
     """The storage location behind a `models:/` or `runs:/` URI (best effort: None if unknown)."""
+    _require_tracking_server(uri, settings)
     import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
 
     try:
         if uri.startswith("models:/"):
@@ -233,7 +236,7 @@ def _artifact_location(uri: str) -> str | None:
 
 def _artifacts_missing(uri: str, settings: Settings) -> ModelNotFound:
     """The error for a model whose entry exists (registry, URI) but whose files are gone."""
-    location = uri if not uri.startswith(_REGISTRY_SCHEMES) else _artifact_location(uri)
+    location = uri if not uri.startswith(REGISTRY_SCHEMES) else artifact_location(uri, settings)
     if location is None:
         where = f"behind {uri}"
     elif location.startswith("s3://"):
@@ -267,13 +270,13 @@ def _download(uri: str, dst: Path, settings: Settings, artifact: str | None = No
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if "://" not in uri and not uri.startswith(_REGISTRY_SCHEMES):
+    if "://" not in uri and not uri.startswith(REGISTRY_SCHEMES):
         path = Path(uri).expanduser()
         if not (path / "MLmodel").is_file():
             raise ModelNotFound(f"no MLflow model (MLmodel file) in folder {path}")
         return path / artifact if artifact else path
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    if uri.startswith(_REGISTRY_SCHEMES):
+    if uri.startswith(REGISTRY_SCHEMES):
         _require_tracking_server(uri, settings)
     source = f"{uri.rstrip('/')}/{artifact}" if artifact else uri
     try:
@@ -302,7 +305,7 @@ def read_mlmodel(uri: str, *, settings: Settings | None = None) -> dict:
         return yaml.safe_load(_download(uri, Path(tmp), settings, artifact="MLmodel").read_text()) or {}
 
 
-def _version(meta: dict, uri: str) -> str:
+def version_of(meta: dict, uri: str) -> str:
     """The version services report and outputs are named by: the MLflow run id that
     produced the model (the course's convention)."""
     return meta.get("run_id") or meta.get("model_id") or Path(uri.rstrip("/")).name
@@ -353,6 +356,6 @@ def load_model(model_uri: str | None = None, *, settings: Settings | None = None
         folder = _download(uri, Path(tmp), settings)
         model, meta = load_model_folder(folder)
     model.training_data = meta["metadata"].get("training_data")
-    version = _version(meta, uri)
+    version = version_of(meta, uri)
     log.info("loaded model %s (version %s)", uri, version)
     return model, version

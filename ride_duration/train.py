@@ -241,10 +241,6 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if not args.tracking_uri:
-        from .stack import activate_if_running
-
-        activate_if_running()  # no endpoints configured but the local stack is up: use it
     settings = get_settings()
     if args.tracking_uri:
         settings = dataclasses.replace(settings, mlflow_tracking_uri=args.tracking_uri)

@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
-    from ride_duration.stack import LocalStack
+    from workbench.stack import LocalStack
 
     stack = LocalStack.from_settings(quiet=True)
     stack.up()

@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ride_duration.aws import kinesis_client
 from ride_duration.config import get_settings
-from ride_duration.stream import read_dead_letters, read_stream
+from workbench.streams import read_dead_letters, read_stream
 
 
 def print_dead_letters(uri: str) -> int:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ride_duration.stack import LocalStack
+from workbench.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,6 +11,8 @@ synthetic data. Thin wrapper over `ride_duration.batch.cli.report_main`; see --h
 """
 
 from ride_duration.batch.cli import report_main
+from workbench.stack import activate_if_running
 
 if __name__ == "__main__":
+    activate_if_running(announce=False)  # the local stack, when nothing else is configured
     raise SystemExit(report_main())

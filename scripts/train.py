@@ -10,6 +10,8 @@ logged model's metadata. Thin wrapper over `python -m ride_duration.train`; see 
 """
 
 from ride_duration.train import main
+from workbench.stack import activate_if_running
 
 if __name__ == "__main__":
+    activate_if_running(announce=False)  # the local stack, when nothing else is configured
     raise SystemExit(main())

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ride_duration import config
-from ride_duration.stack import LocalStack, free_port
 from ride_duration.tlc import write_synthetic_month
+from workbench.stack import LocalStack, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_RIDE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}

@@ -16,9 +16,9 @@ import requests
 from ride_duration import config
 from ride_duration.predict import make_prediction
 from ride_duration.registry import ModelNotFound, load_model, s3_model_uri
-from ride_duration.stack import SERVICES, LocalStack, StackError, activate_if_running, free_port, port_in_use
 from ride_duration.train import TrackingServerDown, check_tracking_server, log_to_mlflow
 from ride_duration.train import main as train_main
+from workbench.stack import SERVICES, LocalStack, StackError, activate_if_running, free_port, port_in_use
 
 EXAMPLE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 pytestmark = pytest.mark.integration
@@ -176,7 +176,7 @@ def test_port_taken_by_someone_else(tmp_path):
 
 
 def test_stack_cli_status_and_env(own_stack, monkeypatch, capsys):
-    from ride_duration.stack import main
+    from workbench.stack import main
 
     monkeypatch.setenv("LOCAL_DIR", str(own_stack.local_dir))
     for name, port in own_stack.ports.items():
@@ -377,7 +377,7 @@ def test_every_listener_is_on_loopback_and_lost_pid_files_are_found(tmp_path, ca
         shutil.rmtree(stack.run_dir)  # as `rm -rf .local/run` (or all of .local) with the stack running
         orphans = stack.orphans()
         assert sorted(p["pid"] for p in orphans) == sorted(p["pid"] for p in processes)
-        from ride_duration.stack import main
+        from workbench.stack import main
 
         monkeypatch.setenv("LOCAL_DIR", str(stack.local_dir))
         capsys.readouterr()
@@ -412,7 +412,7 @@ def test_custom_ports_each_ui_talks_to_its_own_server_and_a_new_shell_sees_them(
         env["LOCAL_DIR"] = str(own.local_dir)
 
         def stack_cli(command: str) -> str:
-            cmd = [sys.executable, "-m", "ride_duration.stack", command]
+            cmd = [sys.executable, "-m", "workbench.stack", command]
             return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
 
         out = stack_cli("env")

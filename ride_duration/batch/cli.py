@@ -36,17 +36,10 @@ def _prefect_ready() -> str:
     get_settings()  # loads .env into os.environ if present
     url = os.environ.get("PREFECT_API_URL")
     if not url:
-        from ..stack import LocalStack, activate_if_running
-
-        # Only the local stack's own Prefect, and only when nothing else is configured.
-        if not (LocalStack.from_settings(quiet=True).healthy("prefect") and activate_if_running(announce=False)):
-            raise CliError(
-                "PREFECT_API_URL is not set, and the local stack's Prefect is down or other servers are "
-                "configured: run `make services-up`, or set PREFECT_API_URL to your server "
-                '(and `eval "$(python -m ride_duration.stack env)"`, or copy .env.example to .env)'
-            )
-        url = os.environ["PREFECT_API_URL"]
-        print(f"using the local stack (Prefect {url})", file=sys.stderr)
+        raise CliError(
+            "PREFECT_API_URL is not set: run `make services-up` and use the make targets or scripts/ (they find "
+            'the local stack), or `eval "$(python -m workbench.stack env)"`, or set it to your Prefect server'
+        )
     try:
         ok = requests.get(f"{url.rstrip('/')}/health", timeout=5).ok
     except requests.RequestException:

@@ -1,22 +1,12 @@
 """The online deployment: a Flask app served by gunicorn (course part 3).
 
-python -m ride_duration.web serve [--host 0.0.0.0] [--port 9696]
+- `app`: `create_app()`, `POST /predict`, `GET /health`, the request checks.
+- `worker`: the gevent worker with header and body deadlines (gunicorn.conf.py names it).
+- `server`: the command line that starts gunicorn (`python -m ride_duration.web serve`).
+
 gunicorn -c gunicorn.conf.py 'ride_duration.web:create_app()'
 """
 
-from .app import APP_NAME, InvalidRides, create_app, create_hello_app, validate_rides
-from .server import APP_SPEC, GunicornServer, ServerError, gunicorn_command, gunicorn_config_path, serve
+from .app import create_app
 
-__all__ = [
-    "APP_NAME",
-    "APP_SPEC",
-    "GunicornServer",
-    "InvalidRides",
-    "ServerError",
-    "create_app",
-    "create_hello_app",
-    "gunicorn_command",
-    "gunicorn_config_path",
-    "serve",
-    "validate_rides",
-]
+__all__ = ["create_app"]

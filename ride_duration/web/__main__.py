@@ -18,9 +18,6 @@ def main(argv=None) -> int:
     cmd.add_argument("--host", default="0.0.0.0")
     cmd.add_argument("--port", type=int, default=WEB_PORT)
     args = parser.parse_args(argv)
-    from ..stack import activate_if_running
-
-    activate_if_running()  # gunicorn inherits the endpoints of the local stack when nothing else is set
     try:
         serve(args.host, args.port)
     except ServerError as exc:

@@ -22,8 +22,10 @@ import math
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from ..config import get_settings
+from ..fastmodel import fast_model
 from ..features import prepare_features
-from ..registry import load_model
+from ..predict import load_serving_model
 
 log = logging.getLogger(__name__)
 
@@ -165,44 +167,26 @@ def _new_app(name: str) -> Flask:
     return app
 
 
-def create_app(
-    model=None,
-    model_version: str | None = None,
-    *,
-    runtime: str = "fast",
-    n_jobs: int | None = None,
-    model_uri: str | None = None,
-) -> Flask:
-    """The prediction service.
+def create_app(model=None, model_version: str | None = None, *, model_uri: str | None = None) -> Flask:
+    """The prediction service (gunicorn's `ride_duration.web:create_app()`).
 
-    model: a fitted pipeline; default: `load_model(model_uri)` from the registry
-        alias / S3 / MODEL_URI (see `ride_duration.predict.default_model_uri`).
-    runtime: "fast" walks the forest with numpy (`ride_duration.fastmodel`, same
-        numbers); "sklearn" calls the pipeline (the 2022 course's way).
-    n_jobs: set on the forest; only for reproducing the 2022 design (-1).
+    model: a fitted pipeline (tests, notebooks); default: loaded once, here, from
+        `model_uri`, else as configured (MODEL_URI > MODEL_ID + EXPERIMENT_ID > the
+        registry alias; settings are read here, once per worker).
+    The pipeline answers through `fast_model` (the numpy forest walk, same numbers).
     """
     if model is None:
-        model, loaded_version = load_model(model_uri)
+        model, loaded_version = load_serving_model(model_uri, get_settings())
         model_version = model_version or loaded_version
-    if n_jobs is not None:
-        model[-1].n_jobs = n_jobs
-    if runtime == "fast":
-        from ..fastmodel import fast_model
-
-        predictor = fast_model(model)
-    elif runtime == "sklearn":
-        predictor = model
-    else:
-        raise ValueError(f"runtime must be 'fast' or 'sklearn', got {runtime!r}")
+    predictor = fast_model(model)
     version = str(model_version or "unknown")
     # What the model was trained on (files, sha256, synthetic or real), set by load_model; None if unknown.
     training_data = getattr(model, "training_data", None)
     app = _new_app(APP_NAME)
-    app.config.update(MODEL_VERSION=version, RUNTIME=type(predictor).__name__)
 
     @app.get("/health")
     def health():
-        return jsonify(status="ok", model_version=version, runtime=app.config["RUNTIME"], training_data=training_data)
+        return jsonify(status="ok", model_version=version, training_data=training_data)
 
     @app.post("/predict")
     def predict():
@@ -218,20 +202,5 @@ def create_app(
             raise RuntimeError("the model returned a non-finite duration")
         answers = [{"duration": d, "model_version": version} for d in durations]
         return jsonify(answers[0] if single else answers)
-
-    return app
-
-
-def create_hello_app() -> Flask:
-    """A hello-world endpoint with the service's app setup: the benchmark's ceiling."""
-    app = _new_app("hello")
-
-    @app.get("/health")
-    def health():
-        return jsonify(status="ok", model_version="hello")
-
-    @app.post("/predict")
-    def predict():
-        return jsonify(hello="world")
 
     return app

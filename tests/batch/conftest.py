@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from ride_duration.stack import LocalStack
+from workbench.stack import LocalStack
 
 INPUT_BUCKET = "tlc-input-test"
 

@@ -186,7 +186,7 @@ def test_served_run_uses_scheduled_start_time(batch_stack, batch_model, s3_input
 
 # ----------------------------------------------------------------------------- which model, tracking server down
 def _dead_tracking_server(monkeypatch) -> str:
-    from ride_duration.stack import free_port
+    from workbench.stack import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)

@@ -13,8 +13,8 @@ import pytest
 from ride_duration.aws import storage_options
 from ride_duration.batch import cli
 from ride_duration.batch.report import ReportFailed, notebook_path, read_summary, run_report
-from ride_duration.stack import free_port
 from ride_duration.tlc import load_training_dataframe
+from workbench.stack import free_port
 
 
 def test_papermill_report_with_injected_parameters(batch_stack, batch_model, s3_input, synthetic_months, tmp_path):

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from workbench.process import Server
+
 PYTHON = sys.executable
 
 
@@ -28,7 +30,11 @@ def put_payloads(kinesis, stream: str, payloads: list) -> list[str]:
     return seqs
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc) -> None:
+    """Stop a subprocess.Popen, or a workbench Server (e.g. the invoke endpoint)."""
+    if isinstance(proc, Server):
+        proc.stop(10)
+        return
     if proc.poll() is None:
         proc.terminate()
         try:

@@ -1,15 +1,12 @@
-"""The benchmark's pieces (the numbers themselves are printed by scripts/bench_stream.py, never asserted)."""
+"""The benchmark's pieces (the numbers themselves are printed by `python -m benchmarks.stream`, never asserted)."""
 
 from __future__ import annotations
 
+from benchmarks.stream import compare_designs, synthetic_event
 from ride_duration.registry import load_model, production_model_s3
-from ride_duration.stream import (
-    ModelService,
-    compare_designs,
-    decode_data,
-    kinesis_event,
-    synthetic_event,
-)
+from ride_duration.stream import ModelService
+from ride_duration.stream.codec import decode_data
+from workbench.event_source import kinesis_event
 
 
 def test_kinesis_event_by_hand_has_lambda_shape(canonical_event):

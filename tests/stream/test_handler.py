@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from ride_duration import stream
-from ride_duration.stream import InvalidEvent, ModelService, constant_handler, encode_data
+from benchmarks.stream import constant_handler
+from ride_duration.stream import ModelService, handler
+from ride_duration.stream.codec import InvalidEvent, decode_data, encode_data
 
 
 def make_record(payload, seq: str) -> dict:
@@ -210,7 +211,7 @@ def test_dead_letter_write_failure_is_transient_and_retried_from_there(stub_mode
 
 
 def test_put_records_failure_is_reported_from_the_first_unwritten(stub_model):
-    from ride_duration.stream import PutRecordsFailed
+    from ride_duration.stream.writer import PutRecordsFailed
 
     def throttled(events):
         raise PutRecordsFailed("2 of 4 prediction events could not be written", [1, 3])
@@ -256,26 +257,24 @@ def test_constant_handler(canonical_event):
 
 
 def test_model_loaded_once_per_container(monkeypatch, canonical_event, stub_model):
-    import ride_duration.predict
-
     loads = []
 
-    def fake_load(uri=None, settings=None):
+    def fake_load(uri, settings):
         loads.append(uri)
         return stub_model, "run-x"
 
-    monkeypatch.setattr(ride_duration.registry, "load_model", fake_load)
-    monkeypatch.setattr(stream, "_SERVICE", None)
+    monkeypatch.setattr(handler, "load_serving_model", fake_load)
+    monkeypatch.setattr(handler, "_SERVICE", None)
     monkeypatch.setenv("TEST_RUN", "True")  # no writer: this test has no stream
-    first = stream.lambda_handler(canonical_event, None)
-    second = stream.lambda_handler(canonical_event, None)
+    first = handler.lambda_handler(canonical_event, None)
+    second = handler.lambda_handler(canonical_event, None)
     assert loads == [None]
     assert first == second
     assert first["predictions"][0]["version"] == "run-x"
-    assert stream.get_service().callbacks == []
+    assert handler.get_service().callbacks == []
 
 
 def test_encode_decode_roundtrip():
     payload = {"ride": {"PULocationID": 1}, "ride_id": "a"}
-    assert stream.decode_data(encode_data(payload)) == payload
+    assert decode_data(encode_data(payload)) == payload
     assert json.loads(base64.b64decode(encode_data(payload))) == payload

@@ -8,8 +8,10 @@ import subprocess
 import pytest
 import requests
 
-from ride_duration.stack import free_port
-from ride_duration.stream import INVOKE_PATH, encode_data, read_dead_letters, read_stream, start_invoke_server
+from ride_duration.stream.codec import encode_data
+from workbench.invoke import INVOKE_PATH, start_invoke_server
+from workbench.stack import free_port
+from workbench.streams import read_dead_letters, read_stream
 
 from .conftest import REPO
 from .helpers import PYTHON, ride_payload, stop

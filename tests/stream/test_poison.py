@@ -13,7 +13,9 @@ from collections import Counter
 from datetime import datetime
 
 from ride_duration.config import get_settings
-from ride_duration.stream import Checkpoint, EventSourceRunner, build_service, read_dead_letters, read_stream
+from ride_duration.stream import build_service
+from workbench.event_source import Checkpoint, EventSourceRunner
+from workbench.streams import read_dead_letters, read_stream
 
 from .helpers import put_payloads, ride_payload
 
@@ -61,7 +63,7 @@ def test_poisoned_records_in_a_100_record_batch(trained_model, kinesis, s3, sett
     n = 100
     payloads = [POISONED[i][0] if i in POISONED else ride_payload(i) for i in range(n)]
     seqs = put_payloads(kinesis, streams["input"], payloads)
-    handler = corrupting(build_service().lambda_handler)  # the registered model, the S3 dead letters
+    handler = corrupting(build_service(get_settings()).lambda_handler)  # the registered model, the S3 dead letters
     runner = EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json"))
     stats = runner.run(once=True)
     assert (stats.batches, stats.invocations, stats.records) == (1, 1, n)  # one batch, never retried

@@ -12,18 +12,12 @@ from collections import Counter
 
 import pytest
 
-from ride_duration import stream
 from ride_duration.config import get_settings
-from ride_duration.stream import (
-    Checkpoint,
-    EventSourceRunner,
-    ModelService,
-    PutRecordsFailed,
-    build_service,
-    read_dead_letters,
-    read_stream,
-    stream_identity,
-)
+from ride_duration.stream import ModelService, build_service
+from ride_duration.stream.codec import decode_data
+from ride_duration.stream.writer import PutRecordsFailed
+from workbench.event_source import Checkpoint, EventSourceRunner, lambda_record, stream_identity
+from workbench.streams import read_dead_letters, read_stream
 
 from .helpers import PYTHON, put_payloads, python_env, ride_payload
 
@@ -40,7 +34,7 @@ def test_lambda_record_shape(kinesis, streams, tmp_path):
         StreamName=streams["input"], ShardId="shardId-000000000000", ShardIteratorType="TRIM_HORIZON"
     )["ShardIterator"]
     (raw,) = kinesis.get_records(ShardIterator=it)["Records"]
-    record = stream.lambda_record(raw, "shardId-000000000000", runner.stream_arn, "eu-west-1")
+    record = lambda_record(raw, "shardId-000000000000", runner.stream_arn, "eu-west-1")
     assert set(record) == {
         "kinesis",
         "eventSource",
@@ -55,7 +49,7 @@ def test_lambda_record_shape(kinesis, streams, tmp_path):
     assert record["eventSourceARN"].endswith(f":stream/{streams['input']}")
     assert record["kinesis"]["kinesisSchemaVersion"] == "1.0" and record["kinesis"]["sequenceNumber"] == seq
     assert isinstance(record["kinesis"]["approximateArrivalTimestamp"], float)
-    assert stream.decode_data(record["kinesis"]["data"]) == ride_payload(0)
+    assert decode_data(record["kinesis"]["data"]) == ride_payload(0)
 
 
 def test_end_to_end_registered_model(trained_model, kinesis, s3, streams, settings, tmp_path):
@@ -63,7 +57,7 @@ def test_end_to_end_registered_model(trained_model, kinesis, s3, streams, settin
     n, poisoned = 230, {5, 150, 229}
     payloads = [ride_payload(i, poisoned=i in poisoned) for i in range(n)]
     seqs = put_payloads(kinesis, streams["input"], payloads)
-    service = build_service()  # the registered model (alias production), writer to the output stream
+    service = build_service(get_settings())  # the registered model (alias production), writer to the output stream
     assert service.version == trained_model["logged"].run_id
     checkpoint = Checkpoint(tmp_path / "cp.json")
     runner = EventSourceRunner(service.lambda_handler, streams["input"], checkpoint=checkpoint)
@@ -317,8 +311,7 @@ def _runner(streams, checkpoint, *extra) -> subprocess.Popen:
     cmd = [
         PYTHON,
         "-m",
-        "ride_duration.stream",
-        "run",
+        "workbench.event_source",
         "--stream",
         streams["input"],
         "--checkpoint",
@@ -375,8 +368,7 @@ def test_runner_cli_missing_stream_fails_with_sentence(stack, tmp_path):
         [
             PYTHON,
             "-m",
-            "ride_duration.stream",
-            "run",
+            "workbench.event_source",
             "--stream",
             "no-such-stream",
             "--once",

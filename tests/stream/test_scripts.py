@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 
-from ride_duration.stream import S3DeadLetters, kinesis_event, put_ride, read_stream
+from ride_duration.stream import S3DeadLetters
+from workbench.event_source import kinesis_event
+from workbench.streams import put_ride, read_stream
 
 from .conftest import REPO
 from .helpers import PYTHON, python_env

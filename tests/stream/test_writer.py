@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from ride_duration.stream import KinesisWriter, PutRecordsFailed, prediction_event, read_stream
+from ride_duration.stream import KinesisWriter
+from ride_duration.stream.codec import prediction_event
+from ride_duration.stream.writer import PutRecordsFailed
+from workbench.streams import read_stream
 
 
 class FlakyKinesis:

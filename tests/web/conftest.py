@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from ride_duration.stack import LocalStack, free_port
-from ride_duration.web import GunicornServer
+from workbench.gunicorn import GunicornServer
+from workbench.stack import LocalStack, free_port
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ import copy
 import pytest
 
 from ride_duration.predict import make_prediction
-from ride_duration.web import APP_NAME, create_app
-from ride_duration.web.app import MAX_CONTENT_LENGTH, MAX_RIDES
+from ride_duration.web import create_app
+from ride_duration.web.app import APP_NAME, MAX_CONTENT_LENGTH, MAX_RIDES
 
 RIDE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 
@@ -54,13 +54,13 @@ def test_extra_fields_are_ignored(client):
     assert extra == plain
 
 
-def test_sklearn_runtime_gives_the_same_answer(trained_model):
-    fast = create_app(trained_model["pipeline"], model_version="v").test_client()
-    slow = create_app(trained_model["pipeline"], model_version="v", runtime="sklearn").test_client()
-    assert fast.get("/health").get_json()["runtime"] == "FastForest"
-    assert slow.get("/health").get_json()["runtime"] == "Pipeline"
-    a, b = (c.post("/predict", json=RIDE).get_json()["duration"] for c in (fast, slow))
-    assert a == pytest.approx(b, abs=1e-9)
+def test_the_service_answers_what_the_pipeline_predicts(trained_model):
+    """The app serves through the numpy forest walk; the numbers are the pipeline's."""
+    pipeline = trained_model["pipeline"]
+    client = create_app(pipeline, model_version="v").test_client()
+    rides = [RIDE, {**RIDE, "trip_distance": 12.5}, {"PULocationID": 74, "DOLocationID": 75, "trip_distance": 0.9}]
+    answers = client.post("/predict", json=rides).get_json()
+    assert [a["duration"] for a in answers] == pytest.approx(list(make_prediction(pipeline, rides)), abs=1e-9)
 
 
 def test_health(client):
@@ -87,8 +87,8 @@ def test_loads_from_registry_once(trained_model, monkeypatch):
     import ride_duration.web.app as web_app
 
     calls = []
-    real = web_app.load_model
-    monkeypatch.setattr(web_app, "load_model", lambda uri=None: calls.append(uri) or real(uri))
+    real = web_app.load_serving_model
+    monkeypatch.setattr(web_app, "load_serving_model", lambda uri, settings: calls.append(uri) or real(uri, settings))
     client = create_app().test_client()
     for _ in range(3):
         assert client.post("/predict", json=RIDE).status_code == 200

@@ -25,8 +25,8 @@ import pytest
 import requests
 
 from ride_duration.config import WEB_PORT
-from ride_duration.stack import free_port
-from ride_duration.web import APP_SPEC
+from ride_duration.web.server import APP_SPEC
+from workbench.stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker/web-service/Dockerfile"

@@ -21,10 +21,10 @@ import pytest
 import requests
 
 from ride_duration.predict import make_prediction
-from ride_duration.stack import free_port
-from ride_duration.web import GunicornServer
 from ride_duration.web.app import MAX_CONTENT_LENGTH
 from ride_duration.web.worker import BODY_TIMEOUT
+from workbench.gunicorn import GunicornServer
+from workbench.stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RIDE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
@@ -36,7 +36,6 @@ def test_health_reports_the_registry_version(served, trained_model):
     health = served.health()
     assert health["status"] == "ok"
     assert health["model_version"] == trained_model["logged"].run_id
-    assert health["runtime"] == "FastForest"
     assert "training_data" in health  # what load_model found in the registry (None when not recorded)
 
 
@@ -456,7 +455,7 @@ def test_gunicorn_errors_are_json(served, raw, status, words):
 def test_stop_does_not_wait_for_idle_keep_alive_clients():
     """A stop (docker stop, the tests) ends idle keep-alive connections at once instead of
     waiting `keepalive` seconds for each, and is not held up by a worker still booting."""
-    server = GunicornServer("ride_duration.web:create_hello_app()", port=free_port()).start()
+    server = GunicornServer("benchmarks.web:create_hello_app()", port=free_port()).start()
     idle = requests.Session()
     assert idle.get(server.url + "/health", timeout=5).ok  # its connection stays open, idle
     start = time.monotonic()

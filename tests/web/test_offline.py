@@ -6,8 +6,9 @@ import pytest
 import requests
 
 from ride_duration.predict import make_prediction
-from ride_duration.stack import free_port
-from ride_duration.web import GunicornServer, ServerError
+from ride_duration.web.server import ServerError
+from workbench.gunicorn import GunicornServer
+from workbench.stack import free_port
 
 RIDE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 

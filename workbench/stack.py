@@ -13,7 +13,8 @@ Every server listens on 127.0.0.1 only. Processes run in the background with log
 under `.local/logs/`, pid files and the ports in use under `.local/run/` (so a new
 shell's `stack env` prints the running stack's endpoints).
 
-    python -m ride_duration.stack up|down|status|env
+    python -m workbench.stack up|down|status|env
+    python -m workbench.stack run -- python -m ride_duration.web serve   (a command with its endpoints)
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from pathlib import Path
 
 import requests
 
-from . import config
-from .aws import LOCAL_CREDENTIALS
+from ride_duration import config
+from ride_duration.aws import LOCAL_CREDENTIALS
+
+from .process import ProcessFailed, spawn, wait_until_ready
 
 # "s3" is SeaweedFS's S3 gateway; "kinesis" is moto, the endpoint of every other AWS API.
 SERVICES = ("s3", "kinesis", "mlflow", "prefect")
@@ -147,7 +150,7 @@ def _service_of(cmd: list[str]) -> str | None:
     text = " ".join(cmd)
     if Path(cmd[0]).name == "weed" and "mini" in cmd:
         return "s3"
-    if "moto" in text or "ride_duration.stack" in text:
+    if "moto" in text or "workbench.stack" in text:
         return "kinesis"
     if "mlflow" in text:
         return "mlflow"
@@ -309,7 +312,7 @@ class LocalStack:
         if name == "s3":
             return self._weed_command(env)
         if name == "kinesis":
-            return [py, "-m", "ride_duration.stack", "_moto", HOST, port, self.url("s3")], env
+            return [py, "-m", "workbench.stack", "_moto", HOST, port, self.url("s3")], env
         if name == "mlflow":
             db = self.local_dir / "mlflow" / "mlflow.db"
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -432,35 +435,23 @@ class LocalStack:
                     f"Stop it, or choose another port with {setting}."
                 )
         cmd, env = self._command(name)
-        log = self.logfile(name)
-        log.parent.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=self.local_dir,
-                start_new_session=True,
-            )
+        proc = spawn(cmd, self.logfile(name), env=env, cwd=self.local_dir)
         self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "port": self.ports[name], "cmd": cmd}))
         return proc
 
     def _wait_ready(self, name: str, proc: subprocess.Popen, start: float, timeout: float) -> None:
+        """Wait for `name`, spawned at `start` (services start together, then are waited on in turn)."""
         log = self.logfile(name)
-        while time.monotonic() - start < timeout:
-            if proc.poll() is not None:
-                self._pidfile(name).unlink(missing_ok=True)
-                tail = log.read_text(errors="replace")[-2000:]
-                raise StackError(f"{name} exited with code {proc.returncode} while starting; log {log}:\n{tail}")
-            if self.healthy(name):
-                self._say(f"{name:8s} up at {self.url(name)} in {time.monotonic() - start:.1f} s (log {log})")
-                return
-            time.sleep(0.1)
-        self._stop(name)
-        raise StackError(f"{name} did not become ready within {timeout:.0f} s; see {log}")
+        waited = time.monotonic() - start
+        try:
+            seconds = waited + wait_until_ready(
+                proc, lambda: self.healthy(name), name=name, log_path=log, timeout=max(timeout - waited, 1)
+            )
+        except ProcessFailed as exc:
+            self._pidfile(name).unlink(missing_ok=True)
+            raise StackError(str(exc)) from None
+        self._say(f"{name:8s} up at {self.url(name)} in {seconds:.1f} s (log {log})")
 
     def _start(self, name: str, timeout: float) -> None:
         proc = self._spawn(name)
@@ -853,7 +844,7 @@ def _serve_moto(host: str, port: int, s3_url: str) -> None:
     message = (
         f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>WrongEndpoint</Code><Message>This is the "
         f"local stack's Kinesis endpoint; S3 is SeaweedFS at {s3_url}: set AWS_ENDPOINT_URL_S3 and "
-        f"MLFLOW_S3_ENDPOINT_URL to it (python -m ride_duration.stack env)</Message></Error>"
+        f"MLFLOW_S3_ENDPOINT_URL to it (python -m workbench.stack env)</Message></Error>"
     ).encode()
 
     def app(environ, start_response):
@@ -875,16 +866,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Start/stop the local S3 (SeaweedFS), Kinesis (moto), MLflow and Prefect servers."
     )
-    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("command", choices=["up", "down", "status", "env", "run"])
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, help="run: the command to run with the stack's endpoints")
     parser.add_argument(
         "--services", default=",".join(SERVICES), help="comma-separated subset of " + ",".join(SERVICES)
     )
     args = parser.parse_args(argv)
+    if args.command == "run":
+        # The package's own CLIs know nothing of this stack: give them its endpoints (unless the
+        # environment or .env names other servers), then become the command.
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            parser.error("run needs a command: python -m workbench.stack run -- python -m ride_duration.web serve")
+        activate_if_running()
+        os.execvp(cmd[0], cmd)
     stack = LocalStack.from_settings()
     try:
         if args.command == "up":
             stack.up([s.strip() for s in args.services.split(",") if s.strip()])
-            print('\nPoint your shell at it:  eval "$(python -m ride_duration.stack env)"')
+            print('\nPoint your shell at it:  eval "$(python -m workbench.stack env)"')
         elif args.command == "down":
             stack.down()
         elif args.command == "status":

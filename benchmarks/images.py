@@ -6,7 +6,7 @@ created without pip, then the package itself with --no-deps (the images' second 
 and the size of that venv's site-packages. "before" replays what every image installed
 until the Pipfile had categories: all of them together (the old [packages] list).
 
-    python scripts/bench_images.py          (make bench-images; ~5 min on 2 cores)
+    python -m benchmarks.images          (make bench-images; ~5 min on 2 cores)
 """
 
 from __future__ import annotations

@@ -21,10 +21,15 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from flask import Flask, jsonify, request
 
-from ..features import EXAMPLE_RIDE
-from ..stack import free_port
-from .server import GunicornServer
+from ride_duration.config import get_settings
+from ride_duration.features import EXAMPLE_RIDE
+from ride_duration.predict import make_prediction
+from ride_duration.registry import load_model
+from ride_duration.web.app import _new_app
+from workbench.gunicorn import GunicornServer
+from workbench.stack import free_port
 
 
 @dataclass
@@ -154,15 +159,49 @@ def run_load(
     return LoadResult(name, len(all_latencies), sum(errors), elapsed, all_latencies)
 
 
+def create_2022_app() -> Flask:
+    """The 2022 course's service: the sklearn pipeline with the forest's n_jobs=-1, each
+    request one `predict` call (its `predict.py`, with this project's request handling)."""
+    model, version = load_model(settings=get_settings())
+    model[-1].n_jobs = -1
+    app = _new_app("duration-prediction-2022")
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="ok", model_version=version)
+
+    @app.post("/predict")
+    def predict():
+        ride = request.get_json()
+        return jsonify(duration=float(make_prediction(model, ride)[0]), model_version=version)
+
+    return app
+
+
+def create_hello_app() -> Flask:
+    """A hello-world endpoint with the service's app setup: the ceiling for Flask + gunicorn here."""
+    app = _new_app("hello")
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="ok", model_version="hello")
+
+    @app.post("/predict")
+    def predict():
+        return jsonify(hello="world")
+
+    return app
+
+
 # name -> (gunicorn app spec, use the repo's gunicorn.conf.py?, extra gunicorn args)
 SERVERS = {
     "a: project (fast runtime, gunicorn.conf.py)": ("ride_duration.web:create_app()", True, ()),
     "b: 2022 design (sklearn n_jobs=-1, 1 sync worker)": (
-        'ride_duration.web:create_app(runtime="sklearn", n_jobs=-1)',
+        "benchmarks.web:create_2022_app()",
         False,
         ("--workers", "1", "--worker-class", "sync", "--no-control-socket"),
     ),
-    "c: hello world (gunicorn.conf.py)": ("ride_duration.web:create_hello_app()", True, ()),
+    "c: hello world (gunicorn.conf.py)": ("benchmarks.web:create_hello_app()", True, ()),
 }
 
 
@@ -217,3 +256,32 @@ def format_table(results: list[LoadResult]) -> str:
             f"a p99 = {a.percentile(99):.2f} ms (target <= 20)"
         )
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """`make bench-web`: needs the model in the registry (`make services-up train`); prints a markdown table."""
+    import argparse
+    import os
+    import sys
+
+    from ride_duration.web.server import ServerError
+    from workbench.stack import LocalStack
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.web", description=main.__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0, help="load duration per server (default 10)")
+    parser.add_argument("--connections", type=int, default=8, help="concurrent keep-alive connections (default 8)")
+    args = parser.parse_args(argv)
+    # Default to the local stack (make services-up) for whatever the environment does not set.
+    for key, value in LocalStack.from_settings(quiet=True).env().items():
+        os.environ.setdefault(key, value)
+    try:
+        results = run_benchmark(seconds=args.seconds, connections=args.connections)
+    except ServerError as exc:
+        print(f"error: a server did not start: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

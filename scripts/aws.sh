@@ -4,17 +4,17 @@
 #   scripts/aws.sh plan      # what deploy would create or change (a CloudFormation change set, not executed)
 #   scripts/aws.sh deploy    # streams, buckets, ECR repository, role, log group; with MODEL_ID and
 #                            # EXPERIMENT_ID also: build + push the image, then the function and its trigger
-#   scripts/aws.sh push      # build the image, push it to the stack's repository, print its digest URI
+#   scripts/aws.sh push      # build the image and push it to the stack's repository as IMAGE_TAG
 #   scripts/aws.sh outputs   # the stack's outputs (stream names, repository URI, ...)
 #   scripts/aws.sh destroy   # delete the stack (the two buckets are kept: they hold models and predictions)
 #
-# Settings (environment; the same names as the package's settings where one exists):
+# Settings (environment; the package's own names where it has one):
 #   STACK_NAME (ride-duration-stream), AWS_REGION or AWS_DEFAULT_REGION (eu-west-1),
 #   MLFLOW_BUCKET, PREDICTIONS_BUCKET (bucket names are global: choose your own), CREATE_BUCKETS (true),
 #   INPUT_STREAM_NAME, PREDICTIONS_STREAM_NAME, MODEL_ID + EXPERIMENT_ID (the model the function serves),
 #   IMAGE_TAG (v2), NO_BUILD=1 (deploy the image already pushed as IMAGE_TAG), PARAMS="Key=Value ..." (any other
-#   template parameter, e.g. InputShardCount=2 MemorySize=2048), DRY_RUN=1 (print the commands, run nothing).
-# With AWS_ENDPOINT_URL set (python -m ride_duration.stack env) every command goes to that endpoint instead of AWS.
+#   template parameter, e.g. "InputShardCount=2 MemorySize=2048"), DRY_RUN=1 (print the commands, run none).
+# With AWS_ENDPOINT_URL set (python -m workbench.stack env), every command goes to that endpoint, not to AWS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,18 +22,20 @@ TEMPLATE=infra/stream.yaml
 STACK="${STACK_NAME:-ride-duration-stream}"
 export AWS_DEFAULT_REGION="${AWS_REGION:-${AWS_DEFAULT_REGION:-eu-west-1}}"
 TAG="${IMAGE_TAG:-v2}"
+DRY="${DRY_RUN:-}"
+dry_created=""  # DRY_RUN: a stack this run would have created
 
 say() { echo "$*" >&2; }
-# Every AWS or Docker command goes through here: shown, then run unless DRY_RUN.
+# Every command that changes something goes through here: shown, then run unless DRY_RUN.
 run() {
     say "+ $*"
-    if [[ -z "${DRY_RUN:-}" ]]; then "$@"; fi
+    if [[ -z "$DRY" ]]; then "$@"; fi
 }
-# A command whose output the script needs; under DRY_RUN it prints the command and stands in $2 for its output.
+# A command whose output the script needs: under DRY_RUN it is shown and $1 stands in for its output.
 query() {
     local placeholder=$1
     shift
-    if [[ -n "${DRY_RUN:-}" ]]; then
+    if [[ -n "$DRY" ]]; then
         say "+ $*"
         echo "$placeholder"
     else
@@ -44,13 +46,13 @@ query() {
 # Template parameters from the environment: only those set, so an update keeps the stack's other values.
 overrides() {
     local -a out=()
-    [[ -n "${MLFLOW_BUCKET:-}" ]] && out+=("ModelBucketName=$MLFLOW_BUCKET")
-    [[ -n "${PREDICTIONS_BUCKET:-}" ]] && out+=("PredictionsBucketName=$PREDICTIONS_BUCKET")
-    [[ -n "${CREATE_BUCKETS:-}" ]] && out+=("CreateBuckets=$CREATE_BUCKETS")
-    [[ -n "${INPUT_STREAM_NAME:-}" ]] && out+=("InputStreamName=$INPUT_STREAM_NAME")
-    [[ -n "${PREDICTIONS_STREAM_NAME:-}" ]] && out+=("PredictionsStreamName=$PREDICTIONS_STREAM_NAME")
-    [[ -n "${MODEL_ID:-}" ]] && out+=("ModelId=$MODEL_ID")
-    [[ -n "${EXPERIMENT_ID:-}" ]] && out+=("ExperimentId=$EXPERIMENT_ID")
+    if [[ -n "${MLFLOW_BUCKET:-}" ]]; then out+=("ModelBucketName=$MLFLOW_BUCKET"); fi
+    if [[ -n "${PREDICTIONS_BUCKET:-}" ]]; then out+=("PredictionsBucketName=$PREDICTIONS_BUCKET"); fi
+    if [[ -n "${CREATE_BUCKETS:-}" ]]; then out+=("CreateBuckets=$CREATE_BUCKETS"); fi
+    if [[ -n "${INPUT_STREAM_NAME:-}" ]]; then out+=("InputStreamName=$INPUT_STREAM_NAME"); fi
+    if [[ -n "${PREDICTIONS_STREAM_NAME:-}" ]]; then out+=("PredictionsStreamName=$PREDICTIONS_STREAM_NAME"); fi
+    if [[ -n "${MODEL_ID:-}" ]]; then out+=("ModelId=$MODEL_ID"); fi
+    if [[ -n "${EXPERIMENT_ID:-}" ]]; then out+=("ExperimentId=$EXPERIMENT_ID"); fi
     if [[ -n "${PARAMS:-}" ]]; then
         local -a extra
         read -r -a extra <<<"$PARAMS"
@@ -70,28 +72,35 @@ target() {
 }
 
 stack_exists() {
-    aws cloudformation describe-stacks --stack-name "$STACK" >/dev/null 2>&1
+    if [[ -n "$DRY" ]]; then
+        [[ -n "$dry_created" ]]
+    else
+        aws cloudformation describe-stacks --stack-name "$STACK" >/dev/null 2>&1
+    fi
 }
 
 output() {
-    local value
-    value=$(query "<$1>" aws cloudformation describe-stacks --stack-name "$STACK" \
+    local value placeholder="<$1>"
+    if [[ $1 == RepositoryUri ]]; then placeholder="<account>.dkr.ecr.$AWS_DEFAULT_REGION.amazonaws.com/<repository>"; fi
+    value=$(query "$placeholder" aws cloudformation describe-stacks --stack-name "$STACK" \
         --query "Stacks[0].Outputs[?OutputKey=='$1'].OutputValue" --output text)
-    [[ "$value" == None ]] && value=""
+    if [[ "$value" == None ]]; then value=""; fi
     echo "$value"
 }
 
-# --parameters for create-stack, update-stack and create-change-set: the ones set here and, on an update, the
-# stack's current values for the rest (as UsePreviousValue would, which moto only honours for values once given).
+# --parameters for create-stack, update-stack and create-change-set: the ones set here and, for an existing
+# stack ($1 = update), its current values of the rest (what UsePreviousValue does; moto honours that only for
+# values that were given, not for defaults).
 cfn_params() {
-    local key value
+    local existing=$1 key value
+    shift
     local -a given=()
     while IFS='=' read -r key value; do
         [[ -n "$key" ]] || continue
         given+=("$key")
         echo "ParameterKey=$key,ParameterValue=$value"
     done < <(overrides "$@")
-    if stack_exists; then
+    if [[ $existing == update && -z "$DRY" ]]; then
         while IFS=$'\t' read -r key value; do
             [[ " ${given[*]-} " == *" $key "* ]] || echo "ParameterKey=$key,ParameterValue=$value"
         done < <(aws cloudformation describe-stacks --stack-name "$STACK" \
@@ -100,15 +109,17 @@ cfn_params() {
 }
 
 cfn_deploy() {
+    local mode=create
+    if stack_exists; then mode=update; fi
     local -a params
-    mapfile -t params < <(cfn_params "$@")
-    # CAPABILITY_IAM: the stack creates a role (its name generated by CloudFormation).
+    mapfile -t params < <(cfn_params "$mode" "$@")
+    # CAPABILITY_IAM: the stack creates a role (CloudFormation names it).
     local -a args=(--stack-name "$STACK" --template-body "file://$TEMPLATE" --capabilities CAPABILITY_IAM
         ${params[@]+--parameters "${params[@]}"})
-    if [[ -z "${DRY_RUN:-}" ]] && stack_exists; then
+    if [[ $mode == update ]]; then
         local out
         say "+ aws cloudformation update-stack ${args[*]}"
-        if ! out=$(aws cloudformation update-stack "${args[@]}" 2>&1); then
+        if [[ -z "$DRY" ]] && ! out=$(aws cloudformation update-stack "${args[@]}" 2>&1); then
             [[ "$out" == *"No updates are to be performed"* ]] || { say "$out"; return 1; }
             say "(no changes)"
             return 0
@@ -117,6 +128,7 @@ cfn_deploy() {
     else
         run aws cloudformation create-stack "${args[@]}" >/dev/null
         run aws cloudformation wait stack-create-complete --stack-name "$STACK"
+        dry_created=1
     fi
 }
 
@@ -135,7 +147,7 @@ push() {
     registry=${repo%%/*}
     # The 2022 `$(aws ecr get-login --no-include-email)` is gone from AWS CLI v2.
     say "+ aws ecr get-login-password | docker login --username AWS --password-stdin $registry"
-    if [[ -z "${DRY_RUN:-}" ]]; then
+    if [[ -z "$DRY" ]]; then
         aws ecr get-login-password | docker login --username AWS --password-stdin "$registry"
     fi
     # Lambda rejects multi-platform manifests: one platform, no provenance attestation.
@@ -144,105 +156,28 @@ push() {
 }
 
 plan() {
-    local type=CREATE name image=()
+    local mode=create name image=()
     name="plan-$(date +%Y%m%d%H%M%S)"
-    stack_exists && type=UPDATE
-    if [[ -n "${MODEL_ID:-}" ]]; then  # the function too, from the image push would make
-        if [[ $type == UPDATE ]]; then image=("ImageUri=$(output RepositoryUri):$TAG"); else
-            image=("ImageUri=<account>.dkr.ecr.$AWS_DEFAULT_REGION.amazonaws.com/<repository>:$TAG"); fi
+    if stack_exists; then mode=update; fi
+    if [[ -n "${MODEL_ID:-}" ]]; then  # then the function and trigger too, on the image push would make
+        if [[ $mode == update ]]; then
+            image=("ImageUri=$(output RepositoryUri):$TAG")
+        else
+            image=("ImageUri=<account>.dkr.ecr.$AWS_DEFAULT_REGION.amazonaws.com/<repository>:$TAG")
+        fi
     fi
     local -a params
-    mapfile -t params < <(cfn_params "${image[@]+"${image[@]}"}")
+    mapfile -t params < <(cfn_params "$mode" "${image[@]+"${image[@]}"}")
     run aws cloudformation create-change-set --stack-name "$STACK" --change-set-name "$name" \
-        --change-set-type "$type" --template-body "file://$TEMPLATE" --capabilities CAPABILITY_IAM \
+        --change-set-type "${mode^^}" --template-body "file://$TEMPLATE" --capabilities CAPABILITY_IAM \
         ${params[@]+--parameters "${params[@]}"} >/dev/null
     run aws cloudformation wait change-set-create-complete --stack-name "$STACK" --change-set-name "$name" \
         || say "(no change set: nothing would change, or the template was refused)"
-    say "${type,,} $STACK would (action, resource, type, replacement):"
+    say "$mode $STACK would (action, resource, type, replacement):"
     run aws cloudformation describe-change-set --stack-name "$STACK" --change-set-name "$name" \
         --query 'Changes[].ResourceChange.[Action,LogicalResourceId,ResourceType,Replacement]' --output text
     # Leave nothing behind: the change set, and for a new stack the empty stack that holds it.
-    if [[ $type == CREATE ]]; then
-        run aws cloudformation delete-stack --stack-name "$STACK"
-    else
-        run aws cloudformation delete-change-set --stack-name "$STACK" --change-set-name "$name"
-    fi
-}
-
-deploy() {
-    local -a params
-    mapfile -t params < <(cfn_params "$@")
-    # CAPABILITY_IAM: the stack creates a role (its name generated by CloudFormation).
-    local -a args=(--stack-name "$STACK" --template-body "file://$TEMPLATE" --capabilities CAPABILITY_IAM
-        ${params[@]+--parameters "${params[@]}"})
-    if [[ -z "${DRY_RUN:-}" ]] && stack_exists; then
-        local out
-        say "+ aws cloudformation update-stack ${args[*]}"
-        if ! out=$(aws cloudformation update-stack "${args[@]}" 2>&1); then
-            [[ "$out" == *"No updates are to be performed"* ]] || { say "$out"; return 1; }
-            say "(no changes)"
-            return 0
-        fi
-        run aws cloudformation wait stack-update-complete --stack-name "$STACK"
-    else
-        run aws cloudformation create-stack "${args[@]}" >/dev/null
-        run aws cloudformation wait stack-create-complete --stack-name "$STACK"
-    fi
-}
-
-# The pushed image by digest: a new push under the same tag is then a change CloudFormation sees.
-image_uri() {
-    local repo digest
-    repo=$(output RepositoryUri)
-    digest=$(query "sha256:<digest>" aws ecr describe-images --repository-name "${repo#*/}" \
-        --image-ids "imageTag=$TAG" --query 'imageDetails[0].imageDigest' --output text)
-    echo "$repo@$digest"
-}
-
-push() {
-    local repo registry
-    repo=$(output RepositoryUri)
-    registry=${repo%%/*}
-    # The 2022 `$(aws ecr get-login --no-include-email)` is gone from AWS CLI v2.
-    say "+ aws ecr get-login-password | docker login --username AWS --password-stdin $registry"
-    if [[ -z "${DRY_RUN:-}" ]]; then
-        aws ecr get-login-password | docker login --username AWS --password-stdin "$registry"
-    fi
-    # Lambda rejects multi-platform manifests: one platform, no provenance attestation.
-    run docker build --platform linux/amd64 --provenance=false -f docker/streaming/Dockerfile -t "$repo:$TAG" .
-    run docker push "$repo:$TAG"
-}
-
-plan() {
-    local type=CREATE name
-    name="plan-$(date +%Y%m%d%H%M%S)"
-    stack_exists && type=UPDATE
-    local -a params=() image=()
-    if [[ -n "${MODEL_ID:-}" ]]; then
-        if [[ $type == UPDATE ]]; then image=("ImageUri=$(output RepositoryUri):$TAG"); else
-            image=("ImageUri=<account>.dkr.ecr.$AWS_DEFAULT_REGION.amazonaws.com/<repository>:$TAG"); fi
-    fi
-    local key value
-    while IFS='=' read -r key value; do
-        [[ -n "$key" ]] && params+=("ParameterKey=$key,ParameterValue=$value")
-    done < <(overrides "${image[@]+"${image[@]}"}")
-    if [[ $type == UPDATE ]]; then  # parameters not given keep the stack's values, as `deploy` does
-        for key in $(aws cloudformation describe-stacks --stack-name "$STACK" \
-            --query 'Stacks[0].Parameters[].ParameterKey' --output text); do
-            printf '%s\n' "${params[@]+"${params[@]}"}" | grep -q "^ParameterKey=$key," \
-                || params+=("ParameterKey=$key,UsePreviousValue=true")
-        done
-    fi
-    run aws cloudformation create-change-set --stack-name "$STACK" --change-set-name "$name" \
-        --change-set-type "$type" --template-body "file://$TEMPLATE" --capabilities CAPABILITY_IAM \
-        ${params[@]+--parameters "${params[@]}"} >/dev/null
-    run aws cloudformation wait change-set-create-complete --stack-name "$STACK" --change-set-name "$name" \
-        || say "(no change set: nothing would change, or the template was refused)"
-    say "${type,,} $STACK would:"
-    run aws cloudformation describe-change-set --stack-name "$STACK" --change-set-name "$name" \
-        --query 'Changes[].ResourceChange.[Action,LogicalResourceId,ResourceType,Replacement]' --output text
-    # Leave nothing behind: the change set, and for a new stack the empty stack holding it.
-    if [[ $type == CREATE ]]; then
+    if [[ $mode == create ]]; then
         run aws cloudformation delete-stack --stack-name "$STACK"
     else
         run aws cloudformation delete-change-set --stack-name "$STACK" --change-set-name "$name"
@@ -252,26 +187,28 @@ plan() {
 deploy() {
     if [[ -z "${MODEL_ID:-}" || -z "${EXPERIMENT_ID:-}" ]]; then
         cfn_deploy
-        say "deployed without a function: upload the model to s3://$(output ModelBucket)/<EXPERIMENT_ID>/models/<MODEL_ID>/artifacts/,"
+        say "no function yet: upload the model to s3://$(output ModelBucket)/<EXPERIMENT_ID>/models/<MODEL_ID>/artifacts/,"
         say "then run again with MODEL_ID and EXPERIMENT_ID set (the image is built and pushed, the function created)"
         return
     fi
     # A new stack first gets the repository the image is pushed to; then one update adds the function.
-    if [[ -n "${DRY_RUN:-}" ]] || ! stack_exists; then cfn_deploy; fi
-    [[ -n "${NO_BUILD:-}" ]] || push
+    stack_exists || cfn_deploy
+    if [[ -z "${NO_BUILD:-}" ]]; then push; fi
     cfn_deploy "ImageUri=$(image_uri)"
 }
 
 destroy() {
-    local buckets
-    buckets="s3://$(output ModelBucket) s3://$(output PredictionsBucket)"
+    local -a buckets
+    read -r -a buckets < <(query "<ModelBucket> <PredictionsBucket>" aws cloudformation describe-stacks \
+        --stack-name "$STACK" --output text \
+        --query "Stacks[0].Outputs[?OutputKey=='ModelBucket' || OutputKey=='PredictionsBucket'].OutputValue")
     run aws cloudformation delete-stack --stack-name "$STACK"
     run aws cloudformation wait stack-delete-complete --stack-name "$STACK"
-    say "kept (DeletionPolicy Retain): $buckets; deploy again with CREATE_BUCKETS=false to reuse them"
+    say "kept (DeletionPolicy Retain): $(printf 's3://%s ' "${buckets[@]}")- deploy again with CREATE_BUCKETS=false to reuse them"
 }
 
 outputs() {
-    run aws cloudformation describe-stacks --stack-name "$STACK" \
+    query "" aws cloudformation describe-stacks --stack-name "$STACK" \
         --query 'Stacks[0].Outputs[].[OutputKey,OutputValue]' --output text
 }
 

@@ -90,3 +90,15 @@ bench-images: venv ## each image's installed size, replayed from its Pipfile.loc
 
 clean:
 	rm -rf dist build *.egg-info reports .pytest_cache
+
+# --- AWS (infra/) --------------------------------------------------------------
+# infra/stream.yaml with the AWS CLI and Docker (scripts/aws.sh lists its settings: MLFLOW_BUCKET, MODEL_ID, ...).
+.PHONY: aws-plan aws-deploy aws-push aws-destroy
+aws-plan: ## what aws-deploy would create or change (a change set, not executed)
+	scripts/aws.sh plan
+aws-deploy: ## streams, buckets, ECR, role, logs; with MODEL_ID + EXPERIMENT_ID also the image and the function
+	scripts/aws.sh deploy
+aws-push: ## build the Lambda image and push it to the stack's ECR repository (IMAGE_TAG, default v2)
+	scripts/aws.sh push
+aws-destroy: ## delete the stack (the buckets are kept)
+	scripts/aws.sh destroy

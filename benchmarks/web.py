@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -258,6 +259,16 @@ def format_table(results: list[LoadResult]) -> str:
     return "\n".join(lines)
 
 
+def measure_start(app: str, repeats: int = 5, env: dict | None = None) -> float:
+    """Median seconds from launching gunicorn (gunicorn.conf.py) to its first answered /health."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with GunicornServer(app, port=free_port(), env=env):
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main(argv=None) -> int:
     """`make bench-web`: needs the model in the registry (`make services-up train`); prints a markdown table."""
     import argparse
@@ -280,6 +291,12 @@ def main(argv=None) -> int:
         print(f"error: a server did not start: {exc}", file=sys.stderr)
         return 1
     print(format_table(results))
+    service = measure_start("ride_duration.web:create_app()")
+    floor = measure_start("benchmarks.web:create_hello_app()")
+    print(
+        f"\nstart to first /health, medians of 5: service {service:.2f} s (loads the model's serving form), "
+        f"hello world {floor:.2f} s (gunicorn + Flask, no model): {service / floor:.2f}x"
+    )
     return 0
 
 

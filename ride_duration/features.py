@@ -8,11 +8,15 @@ documented policy for what it rejects (README, "What each deployment rejects").
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from numbers import Real
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FEATURE_FIELDS = ("PULocationID", "DOLocationID", "trip_distance")
 DATETIME_COLUMNS = ("lpep_pickup_datetime", "lpep_dropoff_datetime")
@@ -101,6 +105,8 @@ def check_ride(ride: Mapping, index=0) -> tuple[int, int, float]:
 def ride_problems(frame: pd.DataFrame) -> pd.Series:
     """The contract on a whole frame, vectorised: per row the first problem as a
     sentence (same wording as `check_ride`), or NA for a valid ride."""
+    import pandas as pd  # lazy: the stream function checks single rides and never loads pandas (~0.3 s)
+
     check_columns(frame, FEATURE_FIELDS, source="rides")
     problems = pd.Series(None, index=frame.index, dtype=object)
 
@@ -155,7 +161,8 @@ def prepare_features(rides) -> list[dict]:
     batch filters a month with `ride_problems` first. Bad rides raise an
     InvalidRide naming the ride and the field, never a KeyError from pandas.
     """
-    if isinstance(rides, pd.DataFrame):
+    pd = sys.modules.get("pandas")  # not imported yet: `rides` cannot be a DataFrame (see ride_problems)
+    if pd is not None and isinstance(rides, pd.DataFrame):
         check_columns(rides, FEATURE_FIELDS, source="rides")
         frame = rides.loc[:, list(FEATURE_FIELDS)]
         distance = pd.to_numeric(frame["trip_distance"], errors="coerce")

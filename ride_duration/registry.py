@@ -288,8 +288,8 @@ def _download(uri: str, dst: Path, settings: Settings, artifact: str | None = No
         raise ModelNotFound(f"model {uri} could not be loaded {_where(uri, settings)}: {detail}") from exc
     if artifact:
         return local
-    if not any(local.iterdir()):
-        raise _artifacts_missing(uri, settings)  # MLflow "downloads" an empty prefix without a word
+    if not any(path.is_file() for path in local.rglob("*")):
+        raise _artifacts_missing(uri, settings)  # MLflow "downloads" an empty prefix (or empty folders) without a word
     if not (local / "MLmodel").is_file():
         raise ModelNotFound(f"{uri} {_where(uri, settings)} holds no MLflow model (no MLmodel file)")
     return local

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -28,7 +29,9 @@ from sklearn.metrics import root_mean_squared_error
 from sklearn.pipeline import Pipeline, make_pipeline
 
 from .config import Settings, get_settings
+from .fastmodel import FastForest
 from .features import EXAMPLE_RIDE, TARGET, prepare_features
+from .predict import SERVING_DIR
 from .registry import TRUSTED_TYPES, TrackingServerDown, check_tracking_server
 from .tlc import describe_training_data, load_training_dataframe
 
@@ -59,6 +62,8 @@ class TrainResult:
     valid_true: np.ndarray
     # data.training_provenance(): {"synthetic": bool, "train": {...}, "valid": {...}}
     training_data: dict | None = None
+    # The forest's pickle-free serving form, checked equal to the pipeline on the validation rides.
+    serving_form: FastForest | None = None
 
 
 def build_pipeline(params: dict | None = None) -> Pipeline:
@@ -84,7 +89,8 @@ def train(train_path, valid_path, params: dict | None = None, *, synthetic: bool
     pipeline = build_pipeline(params)
     pipeline.fit(prepare_features(df_train), df_train[TARGET].to_numpy())
     pipeline[-1].n_jobs = None
-    y_pred = pipeline.predict(prepare_features(df_valid))
+    valid_features = prepare_features(df_valid)
+    y_pred = pipeline.predict(valid_features)
     y_true = df_valid[TARGET].to_numpy()
     return TrainResult(
         pipeline=pipeline,
@@ -95,7 +101,20 @@ def train(train_path, valid_path, params: dict | None = None, *, synthetic: bool
         valid_pred=y_pred,
         valid_true=y_true,
         training_data=provenance,
+        serving_form=serving_form(pipeline, valid_features),
     )
+
+
+def serving_form(pipeline: Pipeline, features: list[dict]) -> FastForest:
+    """The pipeline as the services load it (see `fastmodel`), saved and read back, and
+    refused (ServingFormMismatch) unless it predicts every validation ride as the pipeline
+    does within 1e-9 minutes."""
+    form = FastForest.from_pipeline(pipeline)
+    with tempfile.TemporaryDirectory(prefix="ride-duration-serving-") as tmp:
+        loaded = FastForest.load(form.save(tmp)[0].parent)  # what a service will read
+    worst = loaded.check_against(pipeline, features, tol=1e-9)
+    log.info("serving form checked on %d validation rides: max difference %.3g min", len(features), worst)
+    return loaded
 
 
 def provenance_params(training_data: dict) -> dict:
@@ -166,15 +185,21 @@ def log_to_mlflow(
             input_example=example,
             serialization_format="skops",
             skops_trusted_types=TRUSTED_TYPES,
-            registered_model_name=settings.model_name if register else None,
             # Explicit requirements: faster than MLflow's import-scanning inference.
             pip_requirements=_model_requirements(),
             # In the MLmodel file: a service loading the model from S3 alone still sees it.
             metadata={"training_data": training_data} if training_data else None,
         )
+        if result.serving_form is not None:
+            # Inside the logged model, beside the skops file, before the model is registered:
+            # a registered version always has its serving form.
+            with tempfile.TemporaryDirectory(prefix="ride-duration-serving-") as tmp:
+                result.serving_form.save(tmp)
+                MlflowClient().log_model_artifacts(info.model_id, tmp, artifact_path=SERVING_DIR)
     version = None
     if register:
-        version = str(info.registered_model_version)
+        # The local server registers at once; not waiting keeps MLflow's "Waiting up to 300 seconds" out of logs.
+        version = str(mlflow.register_model(info.model_uri, settings.model_name, await_registration_for=0).version)
         # On the version too: the registry UI shows it next to the alias.
         MlflowClient().set_model_version_tag(
             settings.model_name, version, "data.synthetic", provenance_tags(training_data)["data.synthetic"]

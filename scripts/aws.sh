@@ -23,7 +23,7 @@ STACK="${STACK_NAME:-ride-duration-stream}"
 export AWS_DEFAULT_REGION="${AWS_REGION:-${AWS_DEFAULT_REGION:-eu-west-1}}"
 TAG="${IMAGE_TAG:-v2}"
 DRY="${DRY_RUN:-}"
-dry_created=""  # DRY_RUN: a stack this run would have created
+exists=""  # whether the stack exists: yes, no, or not asked yet
 
 say() { echo "$*" >&2; }
 # Every command that changes something goes through here: shown, then run unless DRY_RUN.
@@ -71,12 +71,13 @@ target() {
     fi
 }
 
+# Asked of CloudFormation once per run, then known (a run that creates the stack records it).
 stack_exists() {
-    if [[ -n "$DRY" ]]; then
-        [[ -n "$dry_created" ]]
-    else
-        aws cloudformation describe-stacks --stack-name "$STACK" >/dev/null 2>&1
+    if [[ -z "$exists" ]]; then
+        exists=no
+        if [[ -z "$DRY" ]] && aws cloudformation describe-stacks --stack-name "$STACK" >/dev/null 2>&1; then exists=yes; fi
     fi
+    [[ $exists == yes ]]
 }
 
 output() {
@@ -128,7 +129,7 @@ cfn_deploy() {
     else
         run aws cloudformation create-stack "${args[@]}" >/dev/null
         run aws cloudformation wait stack-create-complete --stack-name "$STACK"
-        dry_created=1
+        exists=yes
     fi
 }
 
@@ -187,8 +188,9 @@ plan() {
 deploy() {
     if [[ -z "${MODEL_ID:-}" || -z "${EXPERIMENT_ID:-}" ]]; then
         cfn_deploy
-        say "no function yet: upload the model to s3://$(output ModelBucket)/<EXPERIMENT_ID>/models/<MODEL_ID>/artifacts/,"
-        say "then run again with MODEL_ID and EXPERIMENT_ID set (the image is built and pushed, the function created)"
+        say "no function yet: upload the model to s3://<ModelBucket>/<EXPERIMENT_ID>/models/<MODEL_ID>/artifacts/"
+        say "(ModelBucket below), then run again with MODEL_ID and EXPERIMENT_ID set: the image is built and pushed,"
+        say "the function and its trigger created"
         return
     fi
     # A new stack first gets the repository the image is pushed to; then one update adds the function.

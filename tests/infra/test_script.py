@@ -8,15 +8,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
 from .conftest import REPO, aws, free_port
 
+# The dev set's AWS CLI (this environment's bin/) first, else one on PATH.
+PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("aws") is None, reason="the AWS CLI is not installed"),
+    pytest.mark.skipif(shutil.which("aws", path=PATH) is None, reason="the AWS CLI is not installed"),
 ]
 SCRIPT = REPO / "scripts" / "aws.sh"
 # What the user may have set that would change what the script does.
@@ -37,6 +41,7 @@ def script_env(endpoint: str, tmp_path, **settings) -> dict:
         AWS_CONFIG_FILE=str(tmp_path / "no-config"),  # the user's profiles stay out of it
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-credentials"),
         AWS_PAGER="",
+        PATH=PATH,
         **settings,
     )
     return env

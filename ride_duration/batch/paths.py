@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import Settings, get_settings
+from ..config import Settings
 from ..tlc import filename, official_url
 
 
@@ -38,10 +38,9 @@ def previous_month(run_date: date | datetime | str) -> tuple[int, int]:
     return prev.year, prev.month
 
 
-def input_location(taxi_type: str, year: int, month: int, settings: Settings | None = None) -> str:
+def input_location(taxi_type: str, year: int, month: int, settings: Settings) -> str:
     """`BATCH_INPUT_PREFIX/<file>` when configured, else the official TLC URL
     (read through the data cache and `TLC_MIRROR`, see `open_input`)."""
-    settings = settings or get_settings()
     name = filename(taxi_type, year, month)
     prefix = settings.batch_input_prefix
     if prefix:
@@ -49,9 +48,8 @@ def input_location(taxi_type: str, year: int, month: int, settings: Settings | N
     return official_url(taxi_type, year, month)
 
 
-def output_location(taxi_type: str, year: int, month: int, run_id: str, settings: Settings | None = None) -> str:
+def output_location(taxi_type: str, year: int, month: int, run_id: str, settings: Settings) -> str:
     """Hive-style partitions, one object per (month, model): re-running replaces it."""
-    settings = settings or get_settings()
     return (
         f"s3://{settings.predictions_bucket}/taxi_type={taxi_type}/year={year:04d}/month={month:02d}/{run_id}.parquet"
     )
@@ -67,7 +65,7 @@ def rejects_location(output_file: str) -> str:
     return f"{folder}/_{stem}.rejects.parquet" if folder else f"_{stem}.rejects.parquet"
 
 
-def get_paths(run_date, taxi_type: str, run_id: str, settings: Settings | None = None) -> BatchPaths:
+def get_paths(run_date, taxi_type: str, run_id: str, settings: Settings) -> BatchPaths:
     """Input and output of the run on `run_date`: it scores the month before."""
     year, month = previous_month(run_date)
     return month_paths(taxi_type, year, month, run_id, settings=settings)
@@ -79,12 +77,11 @@ def month_paths(
     month: int,
     run_id: str,
     *,
+    settings: Settings,
     input_file: str | None = None,
     output_file: str | None = None,
-    settings: Settings | None = None,
 ) -> BatchPaths:
     """Paths to score (year, month) itself, with optional overrides (papermill parameters)."""
-    settings = settings or get_settings()
     return BatchPaths(
         taxi_type=taxi_type,
         year=int(year),

@@ -20,7 +20,15 @@ import os
 import re
 from pathlib import Path
 
-from ..config import Settings, get_settings, repo_root
+from ..config import Settings, repo_root
+from ..registry import (
+    ModelNotFound,
+    TrackingServerDown,
+    check_tracking_server,
+    default_model_uri,
+    resolve_model,
+)
+from ..tlc import describe_training_data
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +48,8 @@ class ReportStopped(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- inside the notebook
-def servers(settings: Settings | None = None) -> str:
+def servers(settings: Settings) -> str:
     """Which servers this report talks to, for its first output."""
-    settings = settings or get_settings()
     # as aws.s3_client chooses: the S3-specific endpoint first (the local stack's S3 is not its Kinesis)
     s3 = os.environ.get("AWS_ENDPOINT_URL_S3") or settings.mlflow_s3_endpoint_url or settings.aws_endpoint_url
     return f"S3: {s3 or 'AWS (no endpoint configured)'}; MLflow: {settings.mlflow_tracking_uri}"
@@ -50,8 +57,6 @@ def servers(settings: Settings | None = None) -> str:
 
 def _registry_alias(model: str | None, settings: Settings) -> str | None:
     """The alias `model` names (a bare word, or None with no MODEL_URI / MODEL_ID configured)."""
-    from ..registry import default_model_uri
-
     if model is None:
         uri = default_model_uri(settings)
         return settings.model_alias if uri == settings.registry_uri else None
@@ -63,20 +68,15 @@ def _registry_alias(model: str | None, settings: Settings) -> str | None:
 def _needs_tracking_server(model: str | None, settings: Settings) -> bool:
     """An alias, a run id or a models:/ or runs:/ URI is resolved by the tracking server;
     an s3:// or local model, or a service-style MODEL_URI / MODEL_ID (S3), is not."""
-    from ..registry import default_model_uri
-
     registry = ("models:/", "runs:/")
     if model is None:
         return default_model_uri(settings).startswith(registry)
     return model.startswith(registry) or not ("/" in model or ":" in model)
 
 
-def require_model(model: str | None = None, settings: Settings | None = None):
+def require_model(model: str | None, settings: Settings):
     """The model to score with, pinned (`ModelRef`). ReportStopped, one sentence saying
     what to run, when its tracking server is down or no model has the alias."""
-    from ..registry import ModelNotFound, TrackingServerDown, check_tracking_server, resolve_model
-
-    settings = settings or get_settings()
     uri = settings.mlflow_tracking_uri
     if _needs_tracking_server(model, settings):
         try:
@@ -132,8 +132,6 @@ def training_warning(data: dict | None) -> str | None:
 
 def show_training_data(data: dict | None) -> None:
     """Print the provenance; a synthetic or unknown one also as a banner in the report."""
-    from ..tlc import describe_training_data
-
     print(describe_training_data(data))
     warning = training_warning(data)
     if warning is None:
@@ -181,6 +179,7 @@ def run_report(
 
     A failed run is kept beside it as `<name>.failed.ipynb` (with the error cell) to debug.
     """
+    # Here, not at the top: the notebook imports this module, and papermill (1 s) is only for running it.
     import papermill
     from papermill.exceptions import PapermillExecutionError
 

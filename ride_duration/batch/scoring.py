@@ -17,13 +17,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError, ClientError
 
 from ..aws import s3_client, split_s3_uri, storage_options
-from ..config import Settings, get_settings
+from ..config import Settings
 from ..features import (
     DATETIME_COLUMNS,
     FEATURE_FIELDS,
@@ -36,7 +38,7 @@ from ..features import (
     ride_problems,
 )
 from ..predict import make_prediction
-from ..registry import ModelRef, load_model, resolve_model  # noqa: F401 (scoring.resolve_model)
+from ..registry import ModelRef, load_model
 from ..tlc import DataUnavailable, fetch_month, official_url
 from .paths import BatchPaths, rejects_location
 
@@ -103,15 +105,15 @@ def reason_counts(rejects: pd.DataFrame) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- model
-# `ModelRef` and `resolve_model` live in ride_duration.predict (imported above): batch
-# finds its model exactly as the web service and the stream do.
+# `ModelRef` and `resolve_model` live in ride_duration.registry: batch finds its model
+# exactly as the web service and the stream do.
 
 
 _models: dict[str, tuple] = {}
 _models_lock = threading.Lock()
 
 
-def load_cached_model(uri: str, key: str | None = None):
+def load_cached_model(uri: str, settings: Settings, key: str | None = None):
     """`load_model` once per process and `key` (default: the URI; pinned models only).
 
     Months scored in parallel threads share one model object: predicting only
@@ -120,19 +122,18 @@ def load_cached_model(uri: str, key: str | None = None):
     key = key or uri
     with _models_lock:
         if key not in _models:
-            _models[key] = load_model(uri)
+            _models[key] = load_model(uri, settings=settings)
         return _models[key]
 
 
-def load_model_ref(ref: ModelRef):
+def load_model_ref(ref: ModelRef, settings: Settings):
     """The model of a pinned `ModelRef`, cached by its run id (however it was named)."""
-    return load_cached_model(ref.uri, key=ref.run_id)
+    return load_cached_model(ref.uri, settings, key=ref.run_id)
 
 
 # ----------------------------------------------------------------------------- input
-def open_input(paths: BatchPaths, settings: Settings | None = None) -> str:
+def open_input(paths: BatchPaths, settings: Settings) -> str:
     """A readable location for the month's input, or InputNotFound naming month and place."""
-    settings = settings or get_settings()
     location = paths.input_file
     if location == official_url(paths.taxi_type, paths.year, paths.month):
         # The data cache, then TLC_MIRROR, then the URL; never synthetic data for scoring.
@@ -153,8 +154,6 @@ def open_input(paths: BatchPaths, settings: Settings | None = None) -> str:
 
 def _head_s3_input(paths: BatchPaths, location: str, settings: Settings) -> None:
     """InputNotFound for a missing object; InputUnreadable for any other refusal (403, no endpoint)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_s3_uri(location)
     try:
         s3_client(settings).head_object(Bucket=bucket, Key=key)
@@ -168,10 +167,8 @@ def _head_s3_input(paths: BatchPaths, location: str, settings: Settings) -> None
 
 
 @contextlib.contextmanager
-def _parquet_file(location: str):
-    import fsspec
-
-    with fsspec.open(location, "rb", **(storage_options(location) or {})) as f:
+def _parquet_file(location: str, settings: Settings):
+    with fsspec.open(location, "rb", **(storage_options(location, settings) or {})) as f:
         yield pq.ParquetFile(f)
 
 
@@ -188,7 +185,7 @@ def _check_schema(schema: pa.Schema, where: str) -> None:
 _ROW = "__row__"  # the file's row numbers, carried through the duration filter
 
 
-def iter_month(location: str, batch_size: int = BATCH_SIZE, label: str | None = None):
+def iter_month(location: str, settings: Settings, batch_size: int = BATCH_SIZE, label: str | None = None):
     """DataFrames of at most `batch_size` rides with `duration`, filtered to 1-60 min.
 
     Only the five needed columns are read, one batch at a time. Each frame's index
@@ -196,11 +193,9 @@ def iter_month(location: str, batch_size: int = BATCH_SIZE, label: str | None = 
     is not a readable parquet with those columns (truncated, corrupt, a refused S3
     read) raises InputUnreadable naming the month (`label`) and the file.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
-
     where = f"{label}: {location}" if label else location
     try:
-        with _parquet_file(location) as pf:
+        with _parquet_file(location, settings) as pf:
             _check_schema(pf.schema_arrow, where)
             offset = 0
             for batch in pf.iter_batches(batch_size=batch_size, columns=list(REQUIRED_COLUMNS)):
@@ -237,17 +232,19 @@ def _rejects_frame(df: pd.DataFrame, reasons: pd.Series) -> pd.DataFrame:
     return pd.DataFrame(columns, columns=list(REJECT_COLUMNS))
 
 
-def read_month_and_rejects(location: str, label: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_month_and_rejects(
+    location: str, settings: Settings, label: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The whole month at once (notebooks): (valid rides of 1-60 minutes, rejected rides)."""
-    pairs = [split_rides(df) for df in iter_month(location, label=label)]
+    pairs = [split_rides(df) for df in iter_month(location, settings, label=label)]
     if not pairs:  # a file without rows
         return pd.DataFrame(columns=[*REQUIRED_COLUMNS, TARGET]), pd.DataFrame(columns=list(REJECT_COLUMNS))
     return _concat([v for v, _ in pairs]), _concat([r for _, r in pairs])
 
 
-def read_month(location: str, label: str | None = None) -> pd.DataFrame:
+def read_month(location: str, settings: Settings, label: str | None = None) -> pd.DataFrame:
     """The month's valid rides of 1-60 minutes at once; `iter_month` for the streaming path."""
-    return read_month_and_rejects(location, label)[0]
+    return read_month_and_rejects(location, settings, label)[0]
 
 
 def _concat(frames) -> pd.DataFrame:
@@ -301,6 +298,7 @@ def design_matrix(model, df: pd.DataFrame):
     model layout, non-numeric or missing values): callers then use `make_prediction`.
     tests/batch/test_scoring.py checks equality with `DictVectorizer.transform`.
     """
+    # Here, not at the top: reading, validating and writing a month need neither (the notebook's first steps).
     from scipy import sparse
     from sklearn.feature_extraction import DictVectorizer
 
@@ -404,7 +402,7 @@ def build_results(df: pd.DataFrame, predictions, model_version: str) -> pd.DataF
 
 # ----------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
-def atomic_parquet(output_file: str, settings: Settings | None = None, *, required: bool = True):
+def atomic_parquet(output_file: str, settings: Settings, *, required: bool = True):
     """Yield `write(frame)`; the parquet appears at `output_file` only if the block succeeds.
 
     Rows go to a local temporary file; then one atomic step publishes it: os.replace
@@ -415,7 +413,6 @@ def atomic_parquet(output_file: str, settings: Settings | None = None, *, requir
     When nothing was written: an error if `required`, else an earlier object at
     `output_file` is removed (a re-run without rejects leaves no stale rejects).
     """
-    settings = settings or get_settings()
     is_s3 = output_file.startswith("s3://")
     if not is_s3 and "://" in output_file:
         raise ValueError(f"unsupported output location {output_file!r}: use s3:// or a local path")
@@ -453,16 +450,16 @@ def atomic_parquet(output_file: str, settings: Settings | None = None, *, requir
         Path(tmp_name).unlink(missing_ok=True)
 
 
-def remove_output(output_file: str, settings: Settings | None = None) -> None:
+def remove_output(output_file: str, settings: Settings) -> None:
     """Delete an output object or file if it exists."""
     if output_file.startswith("s3://"):
         bucket, key = split_s3_uri(output_file)
-        s3_client(settings or get_settings()).delete_object(Bucket=bucket, Key=key)  # idempotent
+        s3_client(settings).delete_object(Bucket=bucket, Key=key)  # idempotent
     else:
         Path(output_file).unlink(missing_ok=True)
 
 
-def save_rejects(rejects: pd.DataFrame, output_file: str, settings: Settings | None = None) -> str | None:
+def save_rejects(rejects: pd.DataFrame, output_file: str, settings: Settings) -> str | None:
     """Publish the rejected rides beside `output_file` (`rejects_location`) atomically, or
     remove an earlier rejects object when there are none; returns its location or None."""
     location = rejects_location(output_file)
@@ -472,9 +469,7 @@ def save_rejects(rejects: pd.DataFrame, output_file: str, settings: Settings | N
     return location if len(rejects) else None
 
 
-def save_results(
-    df: pd.DataFrame, predictions, run_id: str, output_file: str, settings: Settings | None = None
-) -> pd.DataFrame:
+def save_results(df: pd.DataFrame, predictions, run_id: str, output_file: str, settings: Settings) -> pd.DataFrame:
     """Write the month's results to `output_file` atomically; returns the frame written."""
     result = build_results(df, predictions, run_id)
     with atomic_parquet(output_file, settings) as write:
@@ -509,9 +504,9 @@ def score_month(
     model,
     model_version: str,
     *,
+    settings: Settings,
     batch_size: int = BATCH_SIZE,
     n_jobs: int | None = -1,
-    settings: Settings | None = None,
     logger: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> MonthResult:
     """Read, predict and write one month in batches; nothing is published on failure.
@@ -519,7 +514,6 @@ def score_month(
     Rides that break the contract are not scored: they go to `rejects_location(output)`
     with their reason, and the month fails only when they are more than REJECT_LIMIT of it.
     """
-    settings = settings or get_settings()
     logger = logger or log
     start = time.perf_counter()
     location = open_input(paths, settings)
@@ -533,7 +527,7 @@ def score_month(
         atomic_parquet(paths.output_file, settings) as write,
         atomic_parquet(rejects_file, settings, required=False) as write_rejects,
     ):
-        for df in iter_month(location, batch_size, label=paths.label):
+        for df in iter_month(location, settings, batch_size, label=paths.label):
             valid, rejects = split_rides(df)
             if len(rejects):
                 write_rejects(rejects)

@@ -48,8 +48,9 @@ def batch_model(batch_stack, trained_model):
 def s3_input(batch_stack, synthetic_months):
     """The synthetic months in an S3 'TLC' bucket; BATCH_INPUT_PREFIX points at it."""
     from ride_duration.aws import s3_client
+    from ride_duration.config import get_settings
 
-    s3 = s3_client()
+    s3 = s3_client(get_settings())
     s3.create_bucket(Bucket=INPUT_BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     for path in synthetic_months.values():
         s3.upload_file(str(path), INPUT_BUCKET, f"trip-data/{path.name}")

@@ -7,10 +7,11 @@ def object_exists(uri: str) -> bool:
     from botocore.exceptions import ClientError
 
     from ride_duration.aws import s3_client, split_s3_uri
+    from ride_duration.config import get_settings
 
     bucket, key = split_s3_uri(uri)
     try:
-        s3_client().head_object(Bucket=bucket, Key=key)
+        s3_client(get_settings()).head_object(Bucket=bucket, Key=key)
     except ClientError:
         return False
     return True
@@ -18,8 +19,9 @@ def object_exists(uri: str) -> bool:
 
 def list_keys(bucket: str, prefix: str = "") -> list[str]:
     from ride_duration.aws import s3_client
+    from ride_duration.config import get_settings
 
-    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    pages = s3_client(get_settings()).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 

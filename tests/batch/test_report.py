@@ -13,6 +13,7 @@ import pytest
 from ride_duration.aws import storage_options
 from ride_duration.batch import cli
 from ride_duration.batch.report import ReportFailed, notebook_path, read_summary, run_report
+from ride_duration.config import get_settings
 from ride_duration.tlc import load_training_dataframe
 from workbench.stack import free_port
 
@@ -33,11 +34,13 @@ def test_papermill_report_with_injected_parameters(batch_stack, batch_model, s3_
     )  # the histogram of diff
 
     summary = read_summary(report)
-    expected = load_training_dataframe(synthetic_months[(2021, 2)])
+    expected = load_training_dataframe(synthetic_months[(2021, 2)], get_settings())
     assert summary["rows"] == len(expected)
     assert (summary["year"], summary["month"], summary["model_version"]) == (2021, 2, batch_model.run_id)
     assert summary["output_file"].endswith(f"/year=2021/month=02/{batch_model.run_id}.parquet")
-    written = pd.read_parquet(summary["output_file"], storage_options=storage_options(summary["output_file"]))
+    written = pd.read_parquet(
+        summary["output_file"], storage_options=storage_options(summary["output_file"], get_settings())
+    )
     assert len(written) == summary["rows"]
     assert summary["rmse"] == round(float(np.sqrt((written["diff"] ** 2).mean())), 3)
 

@@ -40,13 +40,13 @@ def test_previous_month(run_date, expected):
 def test_get_paths_year_boundary_and_layout(monkeypatch):
     monkeypatch.delenv("BATCH_INPUT_PREFIX", raising=False)
     monkeypatch.setenv("PREDICTIONS_BUCKET", "nyc-duration-prediction")
-    paths = batch_paths.get_paths(date(2021, 1, 5), "green", RUN_ID)
+    paths = batch_paths.get_paths(date(2021, 1, 5), "green", RUN_ID, get_settings())
     assert (paths.year, paths.month) == (2020, 12)
     assert paths.input_file == "https://d37ci6vzurychx.cloudfront.net/trip-data/green_tripdata_2020-12.parquet"
     assert paths.output_file == (f"s3://nyc-duration-prediction/taxi_type=green/year=2020/month=12/{RUN_ID}.parquet")
     monkeypatch.setenv("BATCH_INPUT_PREFIX", "s3://tlc/trip-data/")
     assert (
-        batch_paths.get_paths("2021-03-02", "green", RUN_ID).input_file
+        batch_paths.get_paths("2021-03-02", "green", RUN_ID, get_settings()).input_file
         == "s3://tlc/trip-data/green_tripdata_2021-02.parquet"
     )
 
@@ -70,13 +70,13 @@ def test_generate_uuids_are_unique_version_4():
 # ----------------------------------------------------------------------------- results + atomic writes
 @pytest.fixture(scope="module")
 def feb(synthetic_months):
-    return load_training_dataframe(synthetic_months[(2021, 2)])
+    return load_training_dataframe(synthetic_months[(2021, 2)], get_settings())
 
 
 def test_save_results_schema_and_unique_ids(feb, tmp_path):
     preds = np.full(len(feb), 10.0)
     out = tmp_path / "out" / "result.parquet"
-    scoring.save_results(feb, preds, RUN_ID, str(out))
+    scoring.save_results(feb, preds, RUN_ID, str(out), get_settings())
     df = pd.read_parquet(out)
     assert list(df.columns) == list(scoring.RESULT_COLUMNS)
     assert len(df) == len(feb) and df["ride_id"].is_unique
@@ -96,7 +96,7 @@ def test_crash_mid_write_leaves_no_local_file(feb, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", write_then_crash)
     with pytest.raises(OSError, match="injected"):
-        scoring.save_results(feb, np.zeros(len(feb)), RUN_ID, str(out))
+        scoring.save_results(feb, np.zeros(len(feb)), RUN_ID, str(out), get_settings())
     assert not out.exists()
     assert not list(tmp_path.iterdir())
 
@@ -105,8 +105,8 @@ def test_crash_mid_write_to_s3_keeps_previous_object(batch_stack, feb, monkeypat
     """A re-run for the same month and model targets the same key; if it crashes
     half-way, the key still holds the complete earlier output, never a partial one."""
     key = f"s3://{get_settings().predictions_bucket}/atomic-test/{RUN_ID}.parquet"
-    scoring.save_results(feb, np.full(len(feb), 1.0), RUN_ID, key)
-    before = pd.read_parquet(key, storage_options=storage_options(key))
+    scoring.save_results(feb, np.full(len(feb), 1.0), RUN_ID, key, get_settings())
+    before = pd.read_parquet(key, storage_options=storage_options(key, get_settings()))
 
     calls = {"n": 0}
     real_build = scoring.build_results
@@ -119,18 +119,22 @@ def test_crash_mid_write_to_s3_keeps_previous_object(batch_stack, feb, monkeypat
 
     monkeypatch.setattr(scoring, "build_results", crash_on_second_batch)
     paths = batch_paths.BatchPaths("green", 2021, 2, "unused", key)
-    monkeypatch.setattr(scoring, "open_input", lambda paths, settings=None: "in.parquet")
-    monkeypatch.setattr(scoring, "iter_month", lambda location, batch_size, **_: iter([feb[:100], feb[100:200]]))
+    monkeypatch.setattr(scoring, "open_input", lambda paths, settings: "in.parquet")
+    monkeypatch.setattr(
+        scoring, "iter_month", lambda location, settings, batch_size, **_: iter([feb[:100], feb[100:200]])
+    )
     with pytest.raises(MemoryError):
-        scoring.score_month(paths, _ConstantModel(), RUN_ID)
-    after = pd.read_parquet(key, storage_options=storage_options(key))
+        scoring.score_month(paths, _ConstantModel(), RUN_ID, settings=get_settings())
+    after = pd.read_parquet(key, storage_options=storage_options(key, get_settings()))
     pd.testing.assert_frame_equal(before, after)
 
     # A crash with no earlier output leaves no object at all.
     fresh = key.replace("atomic-test/", "atomic-test/fresh-")
     calls["n"] = 0
     with pytest.raises(MemoryError):
-        scoring.score_month(dataclasses.replace(paths, output_file=fresh), _ConstantModel(), RUN_ID)
+        scoring.score_month(
+            dataclasses.replace(paths, output_file=fresh), _ConstantModel(), RUN_ID, settings=get_settings()
+        )
     assert not object_exists(fresh)
     assert list_keys(get_settings().predictions_bucket, "atomic-test/") == [f"atomic-test/{RUN_ID}.parquet"]
 
@@ -146,30 +150,30 @@ def test_missing_column_is_named(tmp_path, synthetic_months, batch_stack):
     bad = tmp_path / "green_tripdata_2021-02.parquet"
     df.to_parquet(bad)
     paths = batch_paths.month_paths(
-        "green", 2021, 2, RUN_ID, input_file=str(bad), output_file=str(tmp_path / "o.parquet")
+        "green", 2021, 2, RUN_ID, settings=get_settings(), input_file=str(bad), output_file=str(tmp_path / "o.parquet")
     )
     with pytest.raises(
         scoring.InputUnreadable, match=rf"^green 2021-02: {bad} is missing required column\(s\): trip_distance$"
     ):
-        scoring.score_month(paths, _ConstantModel(), RUN_ID)
+        scoring.score_month(paths, _ConstantModel(), RUN_ID, settings=get_settings())
     assert not (tmp_path / "o.parquet").exists()
 
 
 def test_missing_month_names_month_and_location(batch_stack, s3_input, tmp_path, monkeypatch):
-    paths = batch_paths.get_paths("2021-04-02", "green", RUN_ID)
+    paths = batch_paths.get_paths("2021-04-02", "green", RUN_ID, get_settings())
     with pytest.raises(
         scoring.InputNotFound, match=r"green 2021-03: s3://.*/green_tripdata_2021-03\.parquet does not exist"
     ):
-        scoring.score_month(paths, _ConstantModel(), RUN_ID)
+        scoring.score_month(paths, _ConstantModel(), RUN_ID, settings=get_settings())
     assert not object_exists(paths.output_file)
 
     # Without a prefix the TLC route is used: cache, TLC_MIRROR, URL; never synthetic data.
     monkeypatch.delenv("BATCH_INPUT_PREFIX")
     monkeypatch.setenv("TLC_MIRROR", str(tmp_path))
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "cache"))
-    paths = batch_paths.get_paths("2021-04-02", "green", RUN_ID)
+    paths = batch_paths.get_paths("2021-04-02", "green", RUN_ID, get_settings())
     with pytest.raises(scoring.InputNotFound, match=rf"green 2021-03: .*{tmp_path}/green_tripdata_2021-03\.parquet"):
-        scoring.score_month(paths, _ConstantModel(), RUN_ID)
+        scoring.score_month(paths, _ConstantModel(), RUN_ID, settings=get_settings())
     assert not (tmp_path / "cache" / "green_tripdata_2021-03.synthetic.parquet").exists()
 
 
@@ -183,15 +187,18 @@ def test_mirror_input_scores_like_direct_prediction(batch_stack, batch_model, re
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "cache"))
     from mlflow.tracking import MlflowClient
 
-    ref = registry.resolve_model("production")
+    ref = registry.resolve_model("production", get_settings())
     alias = MlflowClient().get_model_version_by_alias(get_settings().model_name, "production")
     assert ref.run_id == alias.run_id and ref.uri == f"models:/{alias.name}/{alias.version}"
-    model, version = scoring.load_cached_model(ref.uri)
+    model, version = scoring.load_cached_model(ref.uri, get_settings())
     paths = dataclasses.replace(
-        batch_paths.get_paths("2021-03-02", "green", ref.run_id), output_file=str(tmp_path / "feb.parquet")
+        batch_paths.get_paths("2021-03-02", "green", ref.run_id, get_settings()),
+        output_file=str(tmp_path / "feb.parquet"),
     )
-    result = scoring.score_month(paths, model, version, batch_size=20_000)
-    month = load_training_dataframe(real_data_dir / "green_tripdata_2021-02.parquet")  # the course's 61,921
+    result = scoring.score_month(paths, model, version, batch_size=20_000, settings=get_settings())
+    month = load_training_dataframe(
+        real_data_dir / "green_tripdata_2021-02.parquet", get_settings()
+    )  # the course's 61,921
     expected, rejects = scoring.split_rides(month)
     written = pd.read_parquet(tmp_path / "feb.parquet")
     # Real February 2021: 26 rides over 500 miles (up to 102,621) are rejected, like any invalid ride.
@@ -255,6 +262,7 @@ def _feb_paths(tmp_path, input_file, name="out"):
         2021,
         2,
         RUN_ID,
+        settings=get_settings(),
         input_file=str(input_file),
         output_file=f"s3://{bucket}/rejects-test/{name}/month=02/{RUN_ID}.parquet",
     )
@@ -263,13 +271,13 @@ def _feb_paths(tmp_path, input_file, name="out"):
 def _read_s3(uri):
     """One object (boto3: s3fs would serve a replaced object's cached listing) or a folder."""
     if uri.endswith("/"):
-        return pd.read_parquet(uri, storage_options=storage_options(uri))
+        return pd.read_parquet(uri, storage_options=storage_options(uri, get_settings()))
     import io
 
     from ride_duration.aws import s3_client, split_s3_uri
 
     bucket, key = split_s3_uri(uri)
-    return pd.read_parquet(io.BytesIO(s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()))
+    return pd.read_parquet(io.BytesIO(s3_client(get_settings()).get_object(Bucket=bucket, Key=key)["Body"].read()))
 
 
 def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_model, synthetic_months, tmp_path):
@@ -289,7 +297,7 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
     paths = _feb_paths(tmp_path, month)
     pipeline = trained_model["pipeline"]
     # Batches of 500: some have the null zone (arrow gives pandas a float column), some not.
-    result = scoring.score_month(paths, pipeline, RUN_ID, batch_size=500)
+    result = scoring.score_month(paths, pipeline, RUN_ID, batch_size=500, settings=get_settings())
 
     assert result.rows == len(kept) - 6 and result.rejected == 6
     assert result.rejected_by_reason == {
@@ -311,7 +319,7 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
     written = _read_s3(paths.output_file)
     assert len(written) == result.rows and (written["trip_distance"] >= 0).all()
     assert written["PULocationID"].dtype == "int64" and written["PULocationID"].between(1, 265).all()
-    valid = scoring.split_rides(load_training_dataframe(month))[0]
+    valid = scoring.split_rides(load_training_dataframe(month, get_settings()))[0]
     np.testing.assert_allclose(written["predicted_duration"], scoring.predict_durations(pipeline, valid))
     assert result.rmse == pytest.approx(np.sqrt(np.mean(written["diff"] ** 2)))
     # The `_` prefix keeps the rejects out of the predictions dataset read as a folder.
@@ -319,7 +327,9 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
     assert len(_read_s3(folder)) == result.rows
 
     # Re-run on the repaired month: the same keys, replaced; the stale rejects object is gone.
-    again = scoring.score_month(dataclasses.replace(paths, input_file=str(source)), pipeline, RUN_ID)
+    again = scoring.score_month(
+        dataclasses.replace(paths, input_file=str(source)), pipeline, RUN_ID, settings=get_settings()
+    )
     assert again.rejected == 0 and again.rejects_file is None and again.rows == len(kept)
     prefix = folder.removeprefix(f"s3://{get_settings().predictions_bucket}/")
     assert list_keys(get_settings().predictions_bucket, prefix) == [f"{prefix}{RUN_ID}.parquet"]
@@ -338,7 +348,7 @@ def test_more_than_one_percent_bad_rows_fails_the_month_and_publishes_nothing(
     paths = _feb_paths(tmp_path, month, name="too-many")
     share = f"{n_bad / len(kept):.1%}"
     with pytest.raises(scoring.TooManyRejects) as info:
-        scoring.score_month(paths, trained_model["pipeline"], RUN_ID, batch_size=500)
+        scoring.score_month(paths, trained_model["pipeline"], RUN_ID, batch_size=500, settings=get_settings())
     assert str(info.value) == (
         f"green 2021-02: {n_bad} of {len(kept):,} rides of 1-60 minutes in {month} ({share}) break the ride contract, "
         f"above the 1% limit ({n_bad} with field 'trip_distance' must be between 0 and 500 miles); nothing was published"
@@ -349,7 +359,9 @@ def test_more_than_one_percent_bad_rows_fails_the_month_and_publishes_nothing(
     at_limit = month_with_bad_rows(
         source, tmp_path / "limit.parquet", {row: {"trip_distance": -2.0} for row in kept[: len(kept) // 100]}
     )
-    result = scoring.score_month(_feb_paths(tmp_path, at_limit, name="at-limit"), trained_model["pipeline"], RUN_ID)
+    result = scoring.score_month(
+        _feb_paths(tmp_path, at_limit, name="at-limit"), trained_model["pipeline"], RUN_ID, settings=get_settings()
+    )
     assert result.rejected == len(kept) // 100 and result.rows == len(kept) - result.rejected
 
 
@@ -363,13 +375,13 @@ def test_truncated_parquet_names_file_and_month(batch_stack, synthetic_months, t
         from ride_duration.aws import s3_client
 
         bucket = get_settings().predictions_bucket
-        s3_client().upload_file(location, bucket, "truncated/green_tripdata_2021-02.parquet")
+        s3_client(get_settings()).upload_file(location, bucket, "truncated/green_tripdata_2021-02.parquet")
         location = f"s3://{bucket}/truncated/green_tripdata_2021-02.parquet"
     paths = batch_paths.month_paths(
-        "green", 2021, 2, RUN_ID, input_file=location, output_file=str(tmp_path / "o.parquet")
+        "green", 2021, 2, RUN_ID, settings=get_settings(), input_file=location, output_file=str(tmp_path / "o.parquet")
     )
     with pytest.raises(scoring.InputUnreadable) as info:
-        scoring.score_month(paths, _ConstantModel(), RUN_ID)
+        scoring.score_month(paths, _ConstantModel(), RUN_ID, settings=get_settings())
     assert str(info.value).startswith(f"green 2021-02: {location} could not be read as parquet: ")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "o.parquet").exists()
@@ -387,17 +399,17 @@ def test_missing_artifacts_say_so_and_where(batch_stack, trained_model, monkeypa
     logged = log_to_mlflow(trained_model["result"], register=True)
     bucket, prefix = split_s3_uri(logged.s3_uri)
     for key in list_keys(bucket, prefix):
-        s3_client().delete_object(Bucket=bucket, Key=key)
+        s3_client(get_settings()).delete_object(Bucket=bucket, Key=key)
     endpoint = get_settings().mlflow_s3_endpoint_url
     expected = f"the model's artifacts are missing: no objects under {logged.s3_uri} in S3 at {endpoint}"
     for uri in (f"models:/ArtifactsGoneModel/{logged.registered_version}", logged.s3_uri):
         with pytest.raises(ModelNotFound) as info:
-            load_model(uri)
+            load_model(uri, settings=get_settings())
         assert str(info.value).startswith(expected), str(info.value)
     monkeypatch.setenv("MODEL_ID", logged.model_id)
     monkeypatch.setenv("EXPERIMENT_ID", logged.experiment_id)
     with pytest.raises(ModelNotFound, match="the model's artifacts are missing: no objects under s3://"):
-        resolve_model()
+        resolve_model(None, get_settings())
 
 
 def test_model_carries_its_training_data_provenance(trained_model, tmp_path):
@@ -425,6 +437,6 @@ def test_model_carries_its_training_data_provenance(trained_model, tmp_path):
         if metadata:
             mlmodel["metadata"] = metadata
         (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
-        model, version = load_model(str(folder))
+        model, version = load_model(str(folder), settings=get_settings())
         assert version == RUN_ID
         assert model.training_data == (provenance if metadata else None)

@@ -36,7 +36,9 @@ from .stack import MARKER, LocalStack, activate_if_running, pid_alive
 # The worker's defaults are for a remote server: a poll for due runs every 10 s. The local
 # server answers a poll per second easily, so a month waits ~0.5 s for a free worker, not ~5 s.
 WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
-SUBMITTED = re.compile(r"Worker '([^']+)' submitting flow run '([0-9a-f-]{36})'")
+SUBMITTED = re.compile(r"^(\S+) \|.*Worker '([^']+)' submitting flow run '([0-9a-f-]{36})'")
+# Two workers may reach for the same run; the server lets one have it and the other says so.
+ABORTED = re.compile(r"Aborted submission of flow run '([0-9a-f-]{36})'")
 
 
 @dataclass(frozen=True)
@@ -218,23 +220,36 @@ def stop(stack: LocalStack, timeout: float = 15) -> list[str]:
     `timeout`); an interrupted month is reported crashed by its process. Returns their names."""
     found = workers(stack)
     trees = [pid for worker in found for pid in descendants(worker.pid)]
-    _signal(trees, signal.SIGTERM)
-    if not _wait_gone(trees, timeout):
-        _signal(trees, signal.SIGKILL)
-        _wait_gone(trees, 5)
+    # The `prefect worker start` process passes the signal on to its worker process (1 s);
+    # signalling every process of the tree at once makes them wait on each other instead.
+    _signal([worker.pid for worker in found], signal.SIGTERM)
+    _wait_gone([worker.pid for worker in found], timeout)
+    left = [pid for pid in trees if pid_alive(pid)]
+    _signal(left, signal.SIGTERM)
+    if not _wait_gone(left, 5):
+        _signal(left, signal.SIGKILL)
+        _wait_gone(left, 5)
     for worker in found:
         _pidfile(stack, worker.index).unlink(missing_ok=True)
     return [worker.name for worker in found]
 
 
 def runs_taken(stack: LocalStack) -> dict[str, list[str]]:
-    """Flow run id -> the workers that took it, in order (from the workers' logs; a month
-    whose worker died is taken again by another)."""
-    taken: dict[str, list[str]] = {}
+    """Flow run id -> the workers that took it, in the order they did (from the workers' logs,
+    whose lines start with the time; a month whose worker died is taken again by another)."""
+    taken = []
     for path in sorted((stack.local_dir / "logs").glob("worker-*.log")):
-        for name, run_id in SUBMITTED.findall(path.read_text(errors="replace")):
-            taken.setdefault(run_id, []).append(name)
-    return taken
+        for line in path.read_text(errors="replace").splitlines():
+            if submitted := SUBMITTED.match(line):
+                taken.append(submitted.groups())
+            elif aborted := ABORTED.search(line):
+                last = max((i for i, (_, _, run) in enumerate(taken) if run == aborted[1]), default=None)
+                if last is not None:
+                    del taken[last]
+    runs: dict[str, list[str]] = {}
+    for _, name, run_id in sorted(taken):
+        runs.setdefault(run_id, []).append(name)
+    return runs
 
 
 def main(argv=None) -> int:

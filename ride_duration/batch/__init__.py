@@ -3,7 +3,8 @@
 - `paths`: which month a run scores, where it reads and writes (hive partitions).
 - `scoring`: reading, validating, predicting, atomic writes (no orchestrator; fast to import).
 - `flows`: the Prefect 3 task and flows (`ride_duration_prediction`, the backfill).
-- `deploy`: the `monthly` deployment (cron `0 3 2 * *`), its schedule preview, serving.
+- `pool`: months on the work pool from the client's side: submit runs, wait for them.
+- `deploy`: the work pool, the `monthly` deployment (cron `0 3 2 * *`) and what recovers a month whose worker died.
 - `report`: the papermill run of notebooks/05-batch-scoring.ipynb into reports/.
 - `cli`: `python -m ride_duration.batch deploy | schedule | score | backfill | report`.
 """

@@ -1,7 +1,8 @@
 """Command lines of the batch part (scripts/score*.py and `python -m ride_duration.batch`).
 
-Prefect reads its settings when first imported, so the environment (`.env`, the
-local stack) is settled here before anything imports the flows.
+Settings are read once here and passed down. Prefect (3 s to import) and papermill are
+imported only once the command's arguments, the Prefect server and the model have been
+checked: a mistake costs a second, not the import.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import os
 import sys
 from datetime import datetime
 
-from ..config import get_settings
+import requests
+
+from ..config import Settings, get_settings
+from ..registry import resolve_model
 from ..tlc import TAXI_TYPES
 
 
@@ -30,10 +34,7 @@ def _month(value: str) -> tuple[int, int]:
 
 
 def _prefect_ready() -> str:
-    """PREFECT_API_URL of a live server; the default local stack if nothing is set."""
-    import requests
-
-    get_settings()  # loads .env into os.environ if present
+    """PREFECT_API_URL of a live server (`get_settings` has loaded `.env` into the environment)."""
     url = os.environ.get("PREFECT_API_URL")
     if not url:
         raise CliError(
@@ -55,8 +56,8 @@ def _run(body) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, LookupError, ValueError, RuntimeError) as exc:
-        # InputNotFound, ModelNotFound, bad columns, failed months: one sentence, exit 1.
+    except (FileNotFoundError, LookupError, ValueError, RuntimeError, TimeoutError) as exc:
+        # InputNotFound, ModelNotFound, bad columns, failed months, no workers: one sentence, exit 1.
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -71,12 +72,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _pinned_model(ref: str | None) -> str:
+def _pinned_model(ref: str | None, settings: Settings) -> str:
     """Resolve the model before any flow run exists: a tracking server that is down
     fails here in seconds with one sentence, and the flow gets the pinned URI."""
-    from ..registry import resolve_model
-
-    model = resolve_model(ref)
+    model = resolve_model(ref, settings)
     print(f"model {model.uri} (run {model.run_id})", file=sys.stderr)
     return model.uri
 
@@ -84,17 +83,19 @@ def _pinned_model(ref: str | None) -> str:
 # ----------------------------------------------------------------------------- score
 def score_main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description="Score ONE month with the Prefect flow. --year/--month name the month scored "
-        "(2021 2 = February 2021); the flow's run date is 2021-03-02 03:00, as the schedule would use."
+        description="Score ONE month with the Prefect flow, in this process. --year/--month name the month "
+        "scored (2021 2 = February 2021); the flow's run date is 2021-03-02 03:00, as the schedule would use."
     )
     _common(parser)
     parser.add_argument("--year", type=int, required=True)
     parser.add_argument("--month", type=int, required=True, choices=range(1, 13), metavar="1-12")
     args = parser.parse_args(argv)
+    settings = get_settings()
 
     def body():
         _prefect_ready()
-        model = _pinned_model(args.run_id)  # before importing Prefect (3 s): fail fast
+        model = _pinned_model(args.run_id, settings)
+        # Imported once the server and the model are known to answer (Prefect takes 3 s).
         from .flows import ride_duration_prediction
         from .paths import run_date_for
 
@@ -108,26 +109,35 @@ def score_main(argv=None) -> int:
 
 def backfill_main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description="Score every month from --start to --end (inclusive), months in parallel, one Prefect subflow each."
+        description="Score every month from --start to --end (inclusive): one run of the `monthly` deployment "
+        "per month, executed by the work pool's workers (start them with `make workers N=2`); "
+        "--local scores them in this process instead, one after the other."
     )
     _common(parser)
     parser.add_argument("--start", type=_month, required=True, help="first month, YYYY-MM")
     parser.add_argument("--end", type=_month, required=True, help="last month, YYYY-MM")
-    parser.add_argument("--sequential", action="store_true", help="one month after the other")
+    parser.add_argument("--local", action="store_true", help="no workers: score the months in this process")
+    parser.add_argument("--timeout", type=float, help="give up after this many seconds (default: no limit)")
     args = parser.parse_args(argv)
+    settings = get_settings()
 
     def body():
         _prefect_ready()
-        model = _pinned_model(args.run_id)  # before importing Prefect (3 s): fail fast
+        model = _pinned_model(args.run_id, settings)
+        # Imported once the server and the model are known to answer (Prefect takes 3 s).
+        from .deploy import create_deployment, deployment_exists
         from .flows import ride_duration_prediction_backfill
 
+        if not args.local and not deployment_exists():
+            create_deployment(settings, args.taxi_type)
         (y0, m0), (y1, m1) = args.start, args.end
         results = ride_duration_prediction_backfill(
             taxi_type=args.taxi_type,
             run_id=model,
-            parallel=not args.sequential,
             start_date=f"{y0:04d}-{m0:02d}",
             end_date=f"{y1:04d}-{m1:02d}",
+            workers=not args.local,
+            timeout=args.timeout,
         )
         for r in results:
             print(
@@ -152,6 +162,7 @@ def report_main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body():
+        # Imported once the arguments are checked: papermill and nbformat take a second.
         from .report import ReportFailed, read_summary, run_report
 
         try:
@@ -172,30 +183,19 @@ def report_main(argv=None) -> int:
 
 
 # ----------------------------------------------------------------------------- deploy
-def _print_schedule(n: int = 3) -> None:
-    from .deploy import CRON, FULL_NAME, TIMEZONE, preview_schedule, read_deployment
-
-    deployment = read_deployment()
-    print(
-        f"deployment {FULL_NAME}: cron {CRON!r} ({TIMEZONE}), tags {deployment.tags}, "
-        f"parameters {deployment.parameters}"
-    )
-    for when in preview_schedule(n):
-        print(f"  next run: {when:%Y-%m-%d %H:%M %Z}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ride_duration.batch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    deploy = sub.add_parser("deploy", help="create the `monthly` deployment and serve its runs (blocking)")
-    deploy.add_argument("--no-serve", action="store_true", help="only create it and preview the schedule")
-    schedule = sub.add_parser("schedule", help="create/update the deployment and preview its next 3 runs")
+    deploy = sub.add_parser(
+        "deploy", help="create/update the work pool and the `monthly` deployment; preview its next 3 runs"
+    )
+    schedule = sub.add_parser("schedule", help="the same as deploy (the 2022 course's name)")
     for p in (deploy, schedule):
         p.add_argument("--taxi-type", default="green", choices=TAXI_TYPES)
         p.add_argument(
             "--model",
             help="alias, run id or model URI every run uses (default: each run finds its "
-            "model as the services do, in the runner's environment)",
+            "model as the services do, in its worker's environment)",
         )
     delegated = {"score": score_main, "backfill": backfill_main, "report": report_main}
     for name in delegated:
@@ -205,15 +205,29 @@ def main(argv=None) -> int:
         return delegated[args.command](rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    settings = get_settings()
 
     def body():
         _prefect_ready()
-        from .deploy import create_deployment, serve_monthly
+        # Imported once the server is known to answer (Prefect takes 3 s).
+        from .deploy import CRON, TIMEZONE, create_deployment, preview_schedule, read_deployment
+        from .pool import FULL_NAME, WORK_POOL, online_workers
 
-        create_deployment(args.taxi_type, args.model)
-        _print_schedule()
-        if args.command == "deploy" and not args.no_serve:
-            logging.basicConfig(level=logging.INFO)
-            serve_monthly(args.taxi_type, args.model)
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+        create_deployment(settings, args.taxi_type, args.model)
+        deployment = read_deployment()
+        print(
+            f"deployment {FULL_NAME} on work pool {WORK_POOL!r}: cron {CRON!r} ({TIMEZONE}), "
+            f"tags {deployment.tags}, parameters {deployment.parameters}"
+        )
+        for when in preview_schedule(3):
+            print(f"  next run: {when:%Y-%m-%d %H:%M %Z}")
+        workers = online_workers()
+        print(
+            f"workers online: {', '.join(workers)}"
+            if workers
+            else f"no worker polls {WORK_POOL!r} yet: `make workers N=2` here, or `prefect worker start "
+            f"--pool {WORK_POOL}` on any machine with this package and the same endpoints"
+        )
 
     return _run(body)

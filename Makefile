@@ -48,6 +48,7 @@ test-fast: venv ## the tests that start no server (about 10 s)
 services-up: venv ## start S3 (SeaweedFS, 4572), Kinesis (moto, 4566), MLflow (5000), Prefect (4200)
 	$(PY) -m workbench.stack up
 services-down: venv ## stop them (S3 objects stay on disk in .local/seaweedfs)
+	$(PY) -m workbench.workers stop
 	$(PY) -m workbench.stack down
 services-status: venv
 	$(PY) -m workbench.stack status
@@ -79,12 +80,14 @@ bench-stream: venv ## a Kinesis batch vs the 2022 design; the cold start vs its 
 # --- part 5: batch -------------------------------------------------------------
 score: venv ## papermill report for MONTH=YYYY-MM into reports/
 	$(PY) scripts/score_report.py --taxi-type $(TAXI) --month $(MONTH)
-backfill: venv
-	$(PY) scripts/score_backfill.py --taxi-type $(TAXI) --start 2021-01 --end 2021-02
-deploy: venv ## create the `monthly` Prefect deployment and serve its runs
-	$(PY) -m ride_duration.batch deploy
-bench-batch: venv
-	$(PY) scripts/bench_batch.py
+backfill: venv ## score 2021-01..02 on the work pool's workers (make workers first); LOCAL=1: in this process
+	$(PY) scripts/score_backfill.py --taxi-type $(TAXI) --start 2021-01 --end 2021-02 $(if $(LOCAL),--local)
+deploy: venv ## create the work pool and the `monthly` deployment on it (workers run its months)
+	$(PY) -m workbench.stack run -- $(PY) -m ride_duration.batch deploy
+workers: venv ## start N local Prefect workers on the pool (N=2 by default); services-down stops them
+	$(PY) -m workbench.workers start $(or $(N),2)
+bench-batch: venv ## a 12-month backfill: directly vs through the pool (1 worker, 2 pinned, 1 pinned)
+	$(PY) -m benchmarks.batch
 bench-images: venv ## each image's installed size, replayed from its Pipfile.lock categories
 	$(PY) -m benchmarks.images
 

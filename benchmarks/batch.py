@@ -1,28 +1,30 @@
-#!/usr/bin/env python
 """Batch scoring benchmark: every comparison measured side by side in this one run.
 
 1. February 2021 (real data + the production model): read + predict + write, model
-   load and orchestrator start excluded. The project (`score_month`) vs the 2022
-   course's code (full read, `to_dict(orient="records")`, a Python list of uuid4
-   strings, single-threaded forest, `df.to_parquet`). Interleaved, median of --repeats.
-2. A synthetic month of --big-rows rows (yellow-taxi scale) scored in a child
-   process: wall time and peak RSS (getrusage RUSAGE_CHILDREN).
-3. A backfill of --months synthetic months, 2 months at a time vs one after the
-   other: directly (the ceiling an orchestrator can approach) and through the
-   Prefect flows on the stack's Prefect server; sequential both with the same
-   months as parallel (forest on 1 thread) and with the flow's sequential default
-   (forest on both cores); the orchestration overhead as a share of the flow's
-   wall time; what Prefect's per-flow heartbeat thread costs.
+   load excluded. The project (`score_month`) vs the 2022 course's code (full read,
+   `to_dict(orient="records")`, a Python list of uuid4 strings, single-threaded forest,
+   `df.to_parquet`). Interleaved, median of --repeats.
+2. A synthetic month of --big-rows rows (yellow-taxi scale) scored in a child process:
+   wall time and peak RSS (getrusage RUSAGE_CHILDREN).
+3. A backfill of --months months made from the real ones (January and February 2021 in
+   turn, their dates moved to the month they stand for), scored
+   (a) directly in one plain process (import, model load and every month, one after the other),
+   (b) through the work pool by 1 worker, (c) by 2 workers each pinned to one core,
+   (d) by 1 worker pinned to one core. The orchestration overhead is (b) - (a), per month
+   and as a share of (b); where it goes is read from Prefect's own state times of each
+   month's run. (d)/(c) is compared with the machine's own 2-process ceiling.
 
-Needs the local stack (make services-up) and the real months (TLC_MIRROR).
-Outputs go to a scratch bucket/folder that is removed at the end.
+Needs the local stack (make services-up), a production model (make train) and the real
+months (TLC_MIRROR). Outputs go to a scratch bucket that is removed at the end; the
+benchmark starts and stops its own workers.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import logging
+import multiprocessing
 import os
 import resource
 import statistics
@@ -31,10 +33,23 @@ import sys
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import mlflow
 import pandas as pd
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+from ride_duration.aws import s3_client, storage_options
+from ride_duration.batch import paths as batch_paths
+from ride_duration.batch import scoring
+from ride_duration.batch.deploy import create_deployment
+from ride_duration.batch.flows import ride_duration_prediction_backfill
+from ride_duration.config import get_settings
+from ride_duration.registry import resolve_model
+from ride_duration.tlc import fetch_month, write_synthetic_month
+from workbench import workers
+from workbench.stack import LocalStack
 
 BENCH_BUCKET = "nyc-duration-prediction-bench"
 
@@ -81,21 +96,17 @@ def table(rows: list[tuple], headers: tuple) -> str:
 
 
 # ----------------------------------------------------------------------------- 1. one month
-def bench_month(model, version, repeats: int) -> list[tuple]:
-    from ride_duration.aws import storage_options
-    from ride_duration.batch import paths as batch_paths
-    from ride_duration.batch import scoring
-
-    paths = batch_paths.get_paths("2021-03-02", "green", version)
-    local = scoring.open_input(paths)
+def bench_month(model, version, repeats: int, settings) -> list[tuple]:
+    paths = batch_paths.get_paths("2021-03-02", "green", version, settings)
+    local = scoring.open_input(paths, settings)
     out_new = f"s3://{BENCH_BUCKET}/month/project.parquet"
     out_old = f"s3://{BENCH_BUCKET}/month/course-2022.parquet"
     paths = batch_paths.BatchPaths(paths.taxi_type, paths.year, paths.month, local, out_new)
     new, old = [], []
     for _ in range(repeats):  # interleaved: both see the same machine load
-        seconds, result = timed(scoring.score_month, paths, model, version)
+        seconds, result = timed(scoring.score_month, paths, model, version, settings=settings)
         new.append(seconds)
-        seconds, rows = timed(score_2022, model, version, local, out_old, storage_options(out_old))
+        seconds, rows = timed(score_2022, model, version, local, out_old, storage_options(out_old, settings))
         old.append(seconds)
     # The 2022 code scores every ride of 1-60 minutes; the project rejects the few the contract refuses.
     assert rows == result.rows + result.rejected
@@ -119,29 +130,30 @@ def bench_month(model, version, repeats: int) -> list[tuple]:
 
 
 # ----------------------------------------------------------------------------- 2. a big month
-CHILD = """
+BIG_CHILD = """
 import json, sys, time
-from ride_duration import registry
-from ride_duration.batch import paths as batch_paths, scoring
-from ride_duration.registry import load_model_folder
 from pathlib import Path
+from ride_duration.batch import paths as batch_paths, scoring
+from ride_duration.config import get_settings
+from ride_duration.registry import load_model_folder
 model, meta = load_model_folder(Path(sys.argv[1]))
 paths = batch_paths.BatchPaths("green", 2021, 2, sys.argv[2], sys.argv[3])
 start = time.perf_counter()
 if sys.argv[4] == "project":
-    rows = scoring.score_month(paths, model, meta["run_id"]).rows
+    rows = scoring.score_month(paths, model, meta["run_id"], settings=get_settings()).rows
 else:
-    sys.path.insert(0, sys.argv[5])
-    from bench_batch import score_2022
+    from benchmarks.batch import score_2022
     rows = score_2022(model, meta["run_id"], sys.argv[2], sys.argv[3])
 print(json.dumps({"seconds": time.perf_counter() - start, "rows": rows}))
 """
 
 
-def run_child(args: list[str]) -> tuple[dict, float]:
-    """Run CHILD in a fresh process; returns its JSON and its peak RSS in GB."""
+def run_child(code: str, args: list[str]) -> tuple[dict, float]:
+    """Run `code` in a fresh process; returns its last line of JSON and its peak RSS in GB."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"child failed:\n{out.stderr[-3000:]}")
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if peak_kb <= before:  # ru_maxrss is the max over all children so far
         print("   (peak RSS not above an earlier child's; reported as <= that)")
@@ -149,119 +161,102 @@ def run_child(args: list[str]) -> tuple[dict, float]:
 
 
 def bench_big(model_dir: Path, tmp: Path, n_rows: int, with_2022: bool) -> list[tuple]:
-    from ride_duration.tlc import write_synthetic_month
-
     source = tmp / f"green_tripdata_big_{n_rows}.parquet"
     seconds, _ = timed(write_synthetic_month, source, 2021, 2, n_rows=n_rows)
     print(f"\n2. synthetic month of {n_rows:,} rows (generated in {seconds:.0f} s, not counted)")
     rows_ = []
-    out, rss = run_child([str(model_dir), str(source), str(tmp / "big-project.parquet"), "project"])
+    out, rss = run_child(BIG_CHILD, [str(model_dir), str(source), str(tmp / "big-project.parquet"), "project"])
     rows_.append(("project, batches of 250k", f"{out['rows']:,}", f"{out['seconds']:.1f} s", f"{rss:.2f} GB"))
-    result = [("3M-row month, project", f"{out['seconds']:.1f} s, peak RSS {rss:.2f} GB")]
+    result = [(f"{n_rows:,}-row month, project", f"{out['seconds']:.1f} s, peak RSS {rss:.2f} GB")]
     if with_2022:
-        old, old_rss = run_child(
-            [str(model_dir), str(source), str(tmp / "big-2022.parquet"), "2022", str(Path(__file__).parent)]
-        )
+        old, old_rss = run_child(BIG_CHILD, [str(model_dir), str(source), str(tmp / "big-2022.parquet"), "2022"])
         rows_.append(
             ("2022 course (all in memory)", f"{old['rows']:,}", f"{old['seconds']:.1f} s", f"{old_rss:.2f} GB")
         )
-        result.append(("3M-row month, 2022 code", f"{old['seconds']:.1f} s, peak RSS {old_rss:.2f} GB"))
+        result.append((f"{n_rows:,}-row month, 2022 code", f"{old['seconds']:.1f} s, peak RSS {old_rss:.2f} GB"))
     print(table(rows_, ("implementation", "rides scored", "wall", "peak RSS (process)")))
     return result
 
 
 # ----------------------------------------------------------------------------- 3. backfill
-def bench_backfill(model, version, tmp: Path, n_months: int, rows_per_month: int, repeats: int) -> list[tuple]:
-    from ride_duration.batch import paths as batch_paths
-    from ride_duration.batch import scoring
-    from ride_duration.tlc import write_synthetic_month
+DIRECT_CHILD = """
+import json, sys, time
+start = time.perf_counter()
+from ride_duration.batch import paths as batch_paths, scoring
+from ride_duration.config import get_settings
+from ride_duration.registry import resolve_model
+settings = get_settings()
+ref = resolve_model(sys.argv[1], settings)
+model, version = scoring.load_model_ref(ref, settings)
+months = json.loads(sys.argv[2])
+for y, m in months:
+    scoring.score_month(batch_paths.month_paths("green", y, m, version, settings=settings), model, version, settings=settings)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
 
-    folder = tmp / "months"
-    months = [(2020, m) for m in range(1, n_months + 1)]
-    for y, m in months:
-        write_synthetic_month(folder / f"green_tripdata_{y}-{m:02d}.parquet", y, m, n_rows=rows_per_month)
-    os.environ["BATCH_INPUT_PREFIX"] = str(folder)
-    paths = [batch_paths.month_paths("green", y, m, version) for y, m in months]
 
-    def direct_sequential(n_jobs=-1):
-        return [scoring.score_month(p, model, version, n_jobs=n_jobs) for p in paths]
-
-    def direct_parallel():
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            return list(pool.map(lambda p: scoring.score_month(p, model, version, n_jobs=1), paths))
-
-    from ride_duration.batch.flows import ride_duration_prediction_backfill
-
-    start, end = "2020-01", f"2020-{n_months:02d}"
-    flow_kwargs = {"taxi_type": "green", "run_id": version, "start_date": start, "end_date": end}
-    modes = {
-        "seq1": ("direct, one month after the other (forest on 1 thread, as in 2022)", lambda: direct_sequential(1)),
-        "seq": ("direct, one month after the other (forest on 2 threads)", direct_sequential),
-        "par": ("direct, 2 months at a time (forest on 1 thread each)", direct_parallel),
-        "flow_seq1": (
-            "Prefect backfill, sequential, forest on 1 thread (same months as parallel)",
-            lambda: ride_duration_prediction_backfill(**flow_kwargs, parallel=False, n_jobs=1),
-        ),
-        "flow_seq": (
-            "Prefect backfill, sequential, forest on 2 threads (its default)",
-            lambda: ride_duration_prediction_backfill(**flow_kwargs, parallel=False),
-        ),
-        "flow_par": (
-            "Prefect backfill, parallel (2 months at a time)",
-            lambda: ride_duration_prediction_backfill(**flow_kwargs, parallel=True),
-        ),
-    }
-    samples, retries = {key: [] for key in modes}, dict.fromkeys(modes, 0)
-    for _ in range(repeats):  # interleaved, as in section 1
-        for key, (_, fn) in modes.items():
-            with count_prefect_retries() as counted:
-                samples[key].append(timed(fn)[0])
-            retries[key] += counted[0]
-    t = {key: statistics.median(values) for key, values in samples.items()}
-    print(
-        f"\n3. backfill of {n_months} synthetic months x {rows_per_month:,} rows "
-        f"(model loaded before; median of {repeats})"
-    )
-    print(
-        table(
-            [
-                (label, f"{t[key]:.2f} s", retries[key] if key.startswith("flow") else "")
-                for key, (label, _) in modes.items()
-            ],
-            ("mode", "wall", "API calls retried (503), all runs"),
-        )
-    )
-    same, fastest = t["flow_seq1"] / t["flow_par"], t["flow_seq"] / t["flow_par"]
-    print(
-        f"parallel vs sequential through Prefect: {same:.2f}x with the same months (target >= 1.8x), "
-        f"{fastest:.2f}x vs the sequential default; direct: {t['seq1'] / t['par']:.2f}x / {t['seq'] / t['par']:.2f}x"
-    )
-    overhead = {key: (t[f"flow_{key}"] - t[key]) / t[f"flow_{key}"] for key in ("seq1", "seq", "par")}
-    print(
-        "orchestration overhead (flow - direct) / flow: "
-        + ", ".join(f"{key} {share:.0%}" for key, share in overhead.items())
-    )
-    ceiling = machine_ceiling()
-    print(f"this machine's ceiling: ideal CPU-bound work in 2 processes vs 1 measures {ceiling:.2f}x")
-    with_hb, without_hb = heartbeat_cost()
-    print(
-        f"one trivial Prefect flow: {with_hb:.2f} s with its heartbeat thread (Prefect's default), "
-        f"{without_hb:.2f} s without (how backfill months run)"
-    )
-    return [
-        ("backfill parallel vs sequential, same months, Prefect", f"{same:.2f}x"),
-        ("backfill parallel vs sequential default (2-thread forest), Prefect", f"{fastest:.2f}x"),
-        (
-            "backfill parallel vs sequential, direct (same months / 2-thread)",
-            f"{t['seq1'] / t['par']:.2f}x / {t['seq'] / t['par']:.2f}x",
-        ),
-        (
-            "Prefect overhead share (seq same months / seq / par)",
-            " / ".join(f"{overhead[k]:.0%}" for k in ("seq1", "seq", "par")),
-        ),
-        ("ideal CPU-bound work, 2 processes vs 1 (the machine's ceiling)", f"{ceiling:.2f}x"),
-        ("trivial flow with / without heartbeat", f"{with_hb:.2f} s / {without_hb:.2f} s"),
+def make_months(folder: Path, n_months: int, settings) -> list[tuple[int, int]]:
+    """`n_months` months of 2020 (and on), each a real month (January, February 2021 in turn)
+    with its pickup and dropoff times moved into the month it stands for."""
+    real = [
+        pd.read_parquet(fetch_month("green", 2021, m, settings=settings, allow_synthetic=False, progress=False))
+        for m in (1, 2)
     ]
+    months = []
+    for i in range(n_months):
+        y, m = 2020 + i // 12, i % 12 + 1
+        df = real[i % 2].copy()
+        shift = pd.DateOffset(months=(y - 2021) * 12 + m - (i % 2 + 1))
+        for column in ("lpep_pickup_datetime", "lpep_dropoff_datetime"):
+            df[column] = df[column] + shift
+        df.to_parquet(folder / f"green_tripdata_{y}-{m:02d}.parquet", index=False)
+        months.append((y, m))
+    return months
+
+
+def pool_backfill(stack, model_uri: str, months, count: int, pin: bool) -> dict:
+    """Start `count` workers, run the backfill through the pool, stop them; the wall time and
+    where each month's time went, from the state times Prefect recorded for its run."""
+    workers.start(count, stack=stack, pin=pin)
+    try:
+        (y0, m0), (y1, m1) = months[0], months[-1]
+        start = time.perf_counter()
+        state = ride_duration_prediction_backfill(
+            taxi_type="green",
+            run_id=model_uri,
+            start_date=f"{y0:04d}-{m0:02d}",
+            end_date=f"{y1:04d}-{m1:02d}",
+            return_state=True,
+        )
+        wall = time.perf_counter() - start
+        if not state.is_completed():
+            raise RuntimeError(state.message)
+        parent = state.state_details.flow_run_id
+    finally:
+        workers.stop(stack)
+    scoring_seconds = sum(r["seconds"] for r in state.result())
+    children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent]))
+    with get_client(sync_client=True) as client:
+        phases = [_phases(client.read_flow_run_states(r.id)) for r in client.read_flow_runs(flow_run_filter=children)]
+    return {
+        "wall": wall,
+        "scoring": scoring_seconds,
+        "startup": sum(p["startup"] for p in phases),
+        "in_run": sum(p["in_run"] for p in phases),
+        "months": len(phases),
+    }
+
+
+def _phases(states) -> dict:
+    """Seconds a month's run spent from taken (Pending) to Running (a new process: Python,
+    Prefect, the flow's imports) and from Running to Completed (model, scoring, results)."""
+    first = {}
+    for s in sorted(states, key=lambda s: s.timestamp):
+        first.setdefault(s.type.value, s.timestamp)
+    return {
+        "startup": (first["RUNNING"] - first["PENDING"]).total_seconds(),
+        "in_run": (first["COMPLETED"] - first["RUNNING"]).total_seconds(),
+    }
 
 
 def _spin(n: int) -> int:
@@ -274,61 +269,71 @@ def _spin(n: int) -> int:
 def machine_ceiling(units: int = 4, n: int = 5_000_000, repeats: int = 3) -> float:
     """Median speed-up of embarrassingly parallel pure-Python work in 2 processes
     (pool started beforehand): the most any 2-way parallel backfill can reach here."""
-    import multiprocessing
-
     ratios = []
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        pool.map(_spin, [1, 1])  # workers up before timing
+    with multiprocessing.get_context("spawn").Pool(2) as procs:
+        procs.map(_spin, [1, 1])  # processes up before timing
         for _ in range(repeats):
             seq, _ = timed(lambda: [_spin(n) for _ in range(units)])
-            par, _ = timed(pool.map, _spin, [n] * units)
+            par, _ = timed(procs.map, _spin, [n] * units)
             ratios.append(seq / par)
     return statistics.median(ratios)
 
 
-@contextlib.contextmanager
-def count_prefect_retries():
-    """Count the Prefect client's retried API calls (each one waits ~2 s) while the block runs."""
-    import logging
-
-    counted = [0]
-
-    logger = logging.getLogger("prefect.client")
-
-    class Counter(logging.Handler):
-        def emit(self, record):
-            if "retryable" in record.getMessage():
-                counted[0] += 1
-            if record.levelno >= logging.WARNING:  # what the console would have shown
-                logger.parent.handle(record)
-
-    handler = Counter(logging.DEBUG)
-    level, propagate = logger.level, logger.propagate
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False  # the retry messages are DEBUG: count them, do not print them
-    logger.addHandler(handler)
-    try:
-        yield counted
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
-def heartbeat_cost(repeats: int = 3) -> tuple[float, float]:
-    """Median wall time of an empty flow run with and without Prefect's heartbeat thread."""
-    from prefect import flow
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    @flow(name="bench-empty-flow")
-    def empty() -> None:
-        return None
-
-    def median(frequency):
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: frequency}):
-            return statistics.median(timed(empty)[0] for _ in range(repeats))
-
-    return median(180), median(None)
+def bench_backfill(stack, settings, model_uri: str, tmp: Path, n_months: int) -> list[tuple]:
+    folder = tmp / "months"
+    folder.mkdir()
+    months = make_months(folder, n_months, settings)
+    # The workers and the direct process read the months from there (they inherit the environment).
+    os.environ["BATCH_INPUT_PREFIX"] = str(folder)
+    direct, _ = run_child(DIRECT_CHILD, [model_uri, json.dumps(months)])
+    print(f"\n3. backfill of {n_months} months made from the real ones (~70k rides each), one run each")
+    runs = {
+        "b": pool_backfill(stack, model_uri, months, 1, pin=False),
+        "c": pool_backfill(stack, model_uri, months, 2, pin=True),
+        "d": pool_backfill(stack, model_uri, months, 1, pin=True),
+    }
+    a = direct["seconds"]
+    b, c, d = (runs[k]["wall"] for k in "bcd")
+    ceiling = machine_ceiling()
+    rows = [
+        ("(a) direct, one plain process (import + model load once)", f"{a:.1f} s", ""),
+        ("(b) work pool, 1 worker", f"{b:.1f} s", f"{b / a:.2f}x (a)"),
+        ("(c) work pool, 2 workers, one core each", f"{c:.1f} s", f"{d / c:.2f}x faster than (d)"),
+        ("(d) work pool, 1 worker on one core", f"{d:.1f} s", ""),
+    ]
+    print(table(rows, ("mode", "wall", "")))
+    overhead = b - a
+    per_month = overhead / n_months
+    rb = runs["b"]
+    pickup = rb["wall"] - rb["startup"] - rb["in_run"]
+    print(
+        f"orchestration overhead (b) - (a): {overhead:.1f} s, {per_month:.2f} s per month, {overhead / b:.0%} of (b) "
+        "(targets: <= 0.3 s per month, <= 15%)"
+    )
+    print(
+        f"where (b)'s time went, per month: {rb['startup'] / n_months:.2f} s from taken to running (a new process: "
+        f"Python, Prefect, the flow's imports), {(rb['in_run'] - rb['scoring']) / n_months:.2f} s running but not "
+        f"scoring (model lookup and load, result to S3, final states), {rb['scoring'] / n_months:.2f} s scoring, "
+        f"{pickup / n_months:.2f} s waiting for the worker to take it and the backfill to see it finish"
+    )
+    print(
+        f"2 workers vs 1, one core each: {d / c:.2f}x; this machine's ceiling (2 processes vs 1, pure Python) "
+        f"{ceiling:.2f}x; ratio {d / c / ceiling:.2f} (target >= 0.85)"
+    )
+    return [
+        (f"{n_months}-month backfill, direct (a)", f"{a:.1f} s"),
+        ("... through the pool, 1 worker (b)", f"{b:.1f} s"),
+        ("... 2 workers pinned (c) / 1 worker pinned (d)", f"{c:.1f} s / {d:.1f} s"),
+        ("orchestration overhead per month / share of (b)", f"{per_month:.2f} s / {overhead / b:.0%}"),
+        (
+            "per month: process start / model+results / scoring",
+            (
+                f"{rb['startup'] / n_months:.2f} s / {(rb['in_run'] - rb['scoring']) / n_months:.2f} s / "
+                f"{rb['scoring'] / n_months:.2f} s"
+            ),
+        ),
+        ("(d)/(c) vs the 2-process ceiling", f"{d / c:.2f}x / {ceiling:.2f}x = {d / c / ceiling:.2f}"),
+    ]
 
 
 def main(argv=None) -> int:
@@ -336,47 +341,44 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--big-rows", type=int, default=3_000_000)
     parser.add_argument("--big-2022", action="store_true", help="also run the 2022 code on the big month (slow)")
-    parser.add_argument("--months", type=int, default=4)
-    parser.add_argument("--rows-per-month", type=int, default=70_000)
+    parser.add_argument("--months", type=int, default=12)
     parser.add_argument("--skip", default="", help="comma list of sections to skip: month,big,backfill")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
-    from workbench.stack import LocalStack
-
     stack = LocalStack.from_settings(quiet=True)
     stack.up()
     stack.activate()
+    if "backfill" not in skip:
+        # Before the bucket changes below: the runs' results stay where the course's runs put theirs.
+        create_deployment(get_settings())
     os.environ["PREDICTIONS_BUCKET"] = BENCH_BUCKET  # never mix bench outputs with the course's dataset
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from ride_duration import registry
-    from ride_duration.aws import s3_client
-    from ride_duration.batch import scoring
-
-    s3 = s3_client()
+    logging.getLogger("prefect").setLevel(logging.WARNING)  # the backfills' INFO lines would bury the tables
+    settings = get_settings()
+    s3 = s3_client(settings)
     try:
         s3.create_bucket(Bucket=BENCH_BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     except s3.exceptions.BucketAlreadyOwnedByYou:  # left by an interrupted run; emptied at the end
         pass
     summary = []
     print(
-        f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start (other work on the machine skews wall times)"
+        f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start "
+        "(other work on the machine skews wall times)"
     )
     try:
-        ref = registry.resolve_model()
-        model, version = scoring.load_model_ref(ref)
+        ref = resolve_model(None, settings)
+        model, version = scoring.load_model_ref(ref, settings)
         with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
             tmp = Path(tmp)
             if "month" not in skip:
-                summary += bench_month(model, version, args.repeats)
+                summary += bench_month(model, version, args.repeats, settings)
             if "big" not in skip:
-                import mlflow
-
                 model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(tmp / "model")))
                 summary += bench_big(model_dir, tmp, args.big_rows, args.big_2022)
             if "backfill" not in skip:
-                summary += bench_backfill(model, version, tmp, args.months, args.rows_per_month, args.repeats)
+                summary += bench_backfill(stack, settings, ref.uri, tmp, args.months)
     finally:
+        workers.stop(stack)
         keys = [
             o["Key"]
             for p in s3.get_paginator("list_objects_v2").paginate(Bucket=BENCH_BUCKET)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from urllib.parse import urlparse
 
-from .config import Settings, get_settings
+from .config import Settings
+
+# Imported inside functions, to keep them lazy: boto3 (only when a client is made).
 
 # The local stack accepts any credentials; AWS never sees these.
 LOCAL_CREDENTIALS = {
@@ -29,26 +31,24 @@ def _client_kwargs(settings: Settings, service: str) -> dict:
     return kwargs
 
 
-def client(service: str, settings: Settings | None = None):
+def client(service: str, settings: Settings):
     import boto3
 
-    settings = settings or get_settings()
     return boto3.session.Session().client(service, **_client_kwargs(settings, service))
 
 
-def s3_client(settings: Settings | None = None):
+def s3_client(settings: Settings):
     return client("s3", settings)
 
 
-def kinesis_client(settings: Settings | None = None):
+def kinesis_client(settings: Settings):
     return client("kinesis", settings)
 
 
-def storage_options(path: str, settings: Settings | None = None) -> dict | None:
+def storage_options(path: str, settings: Settings) -> dict | None:
     """`storage_options` for pandas on an `s3://` path (None for other paths)."""
     if not str(path).startswith("s3://"):
         return None
-    settings = settings or get_settings()
     kwargs = _client_kwargs(settings, "s3")
     return {"client_kwargs": kwargs}
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+# Imported inside functions, to keep them lazy: sklearn (only to build the form from a pipeline).
+
 FORMAT = "ride_duration.fastmodel.FastForest"
 FORMAT_VERSION = 1
 ARRAYS_FILE = "forest.npz"

@@ -12,12 +12,19 @@ that is down costs seconds, not MLflow's minutes of HTTP retries.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Settings, get_settings
+import yaml
+
+from .config import Settings
+
+# Imported inside functions, to keep them lazy: mlflow (2-3 s; the services' fast path never
+# needs it), skops (only for the fallback load), requests (only to check a tracking server),
+# botocore (with mlflow).
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +92,9 @@ def s3_model_uri(bucket: str, experiment_id: str, model_id: str) -> str:
     return f"s3://{bucket}/{experiment_id}/models/{model_id}/artifacts"
 
 
-def default_model_uri(settings: Settings | None = None) -> str:
+def default_model_uri(settings: Settings) -> str:
     """The model location a service is configured with, in order of precedence:
     MODEL_URI; MODEL_ID + EXPERIMENT_ID (straight from S3); the registry alias."""
-    settings = settings or get_settings()
     if settings.model_uri:
         return settings.model_uri
     if settings.model_id:
@@ -98,7 +104,7 @@ def default_model_uri(settings: Settings | None = None) -> str:
     return settings.registry_uri
 
 
-def model_uri_for(ref: str, settings: Settings | None = None) -> str:
+def model_uri_for(ref: str, settings: Settings) -> str:
     """What a person may type -> a model URI: an MLflow run id -> `runs:/<id>/model`;
     a bare word -> that alias of the registered model; anything with `/` or `:`
     (`models:/...`, `s3://...`, `./folder`) is already a URI."""
@@ -107,7 +113,6 @@ def model_uri_for(ref: str, settings: Settings | None = None) -> str:
         return f"runs:/{ref}/model"
     if "/" in ref or ":" in ref:
         return ref
-    settings = settings or get_settings()
     return f"models:/{settings.model_name}@{ref}"
 
 
@@ -120,7 +125,7 @@ class ModelRef:
     run_id: str
 
 
-def resolve_model(ref: str | None = None, settings: Settings | None = None) -> ModelRef:
+def resolve_model(ref: str | None, settings: Settings) -> ModelRef:
     """The model to use, pinned: `ref` (a run id, an alias, `models:/...`, an S3 URI or a
     folder) if given, else what the services use (`default_model_uri`).
 
@@ -128,7 +133,6 @@ def resolve_model(ref: str | None = None, settings: Settings | None = None) -> M
     even if someone moves the alias meanwhile. MODEL_ID + EXPERIMENT_ID and S3 URIs are
     pinned by reading the model's MLmodel file from S3: no tracking server involved.
     """
-    settings = settings or get_settings()
     uri = model_uri_for(ref, settings) if ref else default_model_uri(settings)
     if uri.startswith("models:/"):
         return _pin_registered(uri, settings)
@@ -168,7 +172,7 @@ def _pin_registered(uri: str, settings: Settings) -> ModelRef:
     return ModelRef(uri=f"models:/{mv.name}/{mv.version}", run_id=mv.run_id or mv.model_id)
 
 
-def production_model_s3(settings: Settings | None = None) -> dict:
+def production_model_s3(settings: Settings) -> dict:
     """Where the registry's aliased model lives in S3: {"MODEL_ID", "EXPERIMENT_ID", "uri"}.
 
     Asks the tracking server once (e.g. at deploy time) so that services can then be
@@ -177,7 +181,6 @@ def production_model_s3(settings: Settings | None = None) -> dict:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    settings = settings or get_settings()
     _require_tracking_server(settings.registry_uri, settings)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     try:
@@ -264,8 +267,6 @@ def _no_objects(uri: str) -> bool:
 
 def _download(uri: str, dst: Path, settings: Settings, artifact: str | None = None) -> Path:
     """The model folder (or one `artifact` file in it) of `uri`, as a local path."""
-    import os
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep service logs clean
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -295,12 +296,9 @@ def _download(uri: str, dst: Path, settings: Settings, artifact: str | None = No
     return local
 
 
-def read_mlmodel(uri: str, *, settings: Settings | None = None) -> dict:
+def read_mlmodel(uri: str, *, settings: Settings) -> dict:
     """The model's MLmodel file (YAML: run_id, model_id, flavors, metadata) without
     downloading the model itself."""
-    import yaml
-
-    settings = settings or get_settings()
     with tempfile.TemporaryDirectory(prefix="ride-duration-mlmodel-") as tmp:
         return yaml.safe_load(_download(uri, Path(tmp), settings, artifact="MLmodel").read_text()) or {}
 
@@ -319,7 +317,6 @@ def load_model_folder(path: Path):
     `metadata` dict (training logs `{"training_data": ...}` there; {} if absent).
     """
     import skops.io
-    import yaml
 
     meta = yaml.safe_load((path / "MLmodel").read_text()) or {}
     flavor = meta.get("flavors", {}).get("sklearn")
@@ -338,7 +335,7 @@ def load_model_folder(path: Path):
     }
 
 
-def load_model(model_uri: str | None = None, *, settings: Settings | None = None):
+def load_model(model_uri: str | None = None, *, settings: Settings):
     """Load the model from the registry, S3, or a local folder.
 
     `model_uri` examples: `models:/NYCRideDurationModel@production`,
@@ -350,7 +347,6 @@ def load_model(model_uri: str | None = None, *, settings: Settings | None = None
     `model.training_data`: the training data's provenance recorded with the model
     (the MLmodel file's `metadata["training_data"]`), None for older models.
     """
-    settings = settings or get_settings()
     uri = model_uri or default_model_uri(settings)
     with tempfile.TemporaryDirectory(prefix="ride-duration-model-") as tmp:
         folder = _download(uri, Path(tmp), settings)

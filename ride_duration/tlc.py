@@ -14,7 +14,9 @@ the caller remembering it.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import io
 import json
 import logging
 import os
@@ -32,6 +34,9 @@ import pandas as pd
 from .aws import storage_options
 from .config import Settings, get_settings
 from .features import add_duration, check_columns
+
+# Imported inside functions, to keep them lazy: tqdm (progress bars), pyarrow (parquet footers;
+# not in the web or Lambda images), fsspec (remote inputs only).
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +218,12 @@ def locate_month(
     year: int,
     month: int,
     *,
-    settings: Settings | None = None,
+    settings: Settings,
     allow_synthetic: bool | None = None,
     progress: bool = True,
     timeout: float = 30.0,
 ) -> MonthFile:
     """`fetch_month`, also saying where the file came from (training records it)."""
-    settings = settings or get_settings()
     name = filename(taxi_type, year, month)
     found, tried = _fetch(name, official_url(taxi_type, year, month), settings, progress, timeout)
     if found is not None:
@@ -240,7 +244,7 @@ def locate_month(
     )
     warnings.warn(message, RuntimeWarning, stacklevel=3)
     log.warning(message)
-    if not synthetic.is_file() or not is_synthetic(synthetic):  # (re)write files from before the marker
+    if not synthetic.is_file() or not is_synthetic(synthetic, settings):  # (re)write files from before the marker
         write_synthetic_month(synthetic, year, month)
     return MonthFile(synthetic, SYNTHETIC_SOURCE)
 
@@ -250,7 +254,7 @@ def fetch_month(
     year: int,
     month: int,
     *,
-    settings: Settings | None = None,
+    settings: Settings,
     allow_synthetic: bool | None = None,
     progress: bool = True,
     timeout: float = 30.0,
@@ -261,15 +265,14 @@ def fetch_month(
     ).path
 
 
-def fetch_zones(settings: Settings | None = None, progress: bool = False, timeout: float = 30.0) -> Path:
-    settings = settings or get_settings()
+def fetch_zones(settings: Settings, progress: bool = False, timeout: float = 30.0) -> Path:
     found, tried = _fetch(ZONES_FILE, ZONES_URL, settings, progress, timeout)
     if found is None:
         raise DataUnavailable(f"{ZONES_FILE} could not be had; tried: " + "; ".join(tried), tried)
     return found.path
 
 
-def load_zones(settings: Settings | None = None) -> pd.DataFrame:
+def load_zones(settings: Settings) -> pd.DataFrame:
     """The zone lookup. `keep_default_na=False`: zones 264/265 contain a literal `N/A`
     that pandas would otherwise turn into a missing value."""
     return pd.read_csv(fetch_zones(settings), keep_default_na=False)
@@ -347,24 +350,22 @@ def write_synthetic_month(path: Path, year: int, month: int, n_rows: int = 60_00
 
 
 # ----------------------------------------------------------------------------- provenance
-def _open(path: str):
+def _open(path: str, settings: Settings):
     """A binary file object for a local path, file://, http(s):// or s3:// location."""
     if "://" not in path or path.startswith("file://"):
         return open(path.removeprefix("file://"), "rb")
     import fsspec  # lazy: only for remote inputs
 
-    return fsspec.open(path, "rb", **(storage_options(path) or {})).open()
+    return fsspec.open(path, "rb", **(storage_options(path, settings) or {})).open()
 
 
-def _parquet_facts(path: str) -> tuple[str, int, int, bool]:
+def _parquet_facts(path: str, settings: Settings) -> tuple[str, int, int, bool]:
     """(sha256, size in bytes, rows, marked synthetic) of a parquet file, read once."""
-    import io
-
     import pyarrow.parquet as pq
 
     digest = hashlib.sha256()
     buffer = io.BytesIO()
-    with _open(path) as f:
+    with _open(path, settings) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
             buffer.write(chunk)
@@ -374,7 +375,7 @@ def _parquet_facts(path: str) -> tuple[str, int, int, bool]:
     return digest.hexdigest(), buffer.getbuffer().nbytes, meta.num_rows, marked
 
 
-def is_synthetic(path) -> bool:
+def is_synthetic(path, settings: Settings) -> bool:
     """True for a file written by `write_synthetic_month` (its footer marker), or
     an older synthetic fallback file (its name)."""
     import pyarrow.parquet as pq
@@ -382,11 +383,11 @@ def is_synthetic(path) -> bool:
     path = str(path)
     if path.endswith(SYNTHETIC_SUFFIX):
         return True
-    with _open(path) as f:
+    with _open(path, settings) as f:
         return SYNTHETIC_MARKER in (pq.ParquetFile(f).metadata.metadata or {})
 
 
-def describe_file(file, source: str | None = None, synthetic: bool | None = None) -> dict:
+def describe_file(file, settings: Settings, source: str | None = None, synthetic: bool | None = None) -> dict:
     """Provenance of one data file: name, sha256, size, rows, source, real or synthetic.
 
     `file` is a path/URL or a `MonthFile` (which knows its source). `synthetic=None`
@@ -396,11 +397,11 @@ def describe_file(file, source: str | None = None, synthetic: bool | None = None
         source = source or file.source
         file = file.path
     location = str(file)
-    sha256, size, rows, marked = _parquet_facts(location)
+    sha256, size, rows, marked = _parquet_facts(location, settings)
     name = location.rstrip("/").rsplit("/", 1)[-1]
     if source is None:
-        cached = "://" not in location and Path(location).resolve().parent == get_settings().data_dir.resolve()
-        source = f"cache {location}" if cached else location
+        cached = "://" not in location and Path(location).resolve().parent == settings.data_dir.resolve()
+        source = "data cache" if cached else location  # no machine path in what the model records
     known = KNOWN_SHA256.get(name)
     return {
         "file": name,
@@ -414,41 +415,42 @@ def describe_file(file, source: str | None = None, synthetic: bool | None = None
     }
 
 
-def training_provenance(train_file, valid_file, synthetic: bool | None = None) -> dict:
+def training_provenance(train_file, valid_file, settings: Settings, synthetic: bool | None = None) -> dict:
     """What a model was trained and validated on, in the shape MLflow records
     (`metadata["training_data"]` of the logged model): `{"synthetic": bool,
     "train": describe_file(...), "valid": describe_file(...)}`."""
-    train = describe_file(train_file, synthetic=synthetic)
-    valid = describe_file(valid_file, synthetic=synthetic)
+    train = describe_file(train_file, settings, synthetic=synthetic)
+    valid = describe_file(valid_file, settings, synthetic=synthetic)
     return {"synthetic": train["synthetic"] or valid["synthetic"], "train": train, "valid": valid}
 
 
-def read_parquet(path, columns=None) -> pd.DataFrame:
+def read_parquet(path, settings: Settings, columns=None) -> pd.DataFrame:
     """Read parquet from a local path, an http(s):// URL or an s3:// URL."""
     path = str(path)
-    return pd.read_parquet(path, columns=columns, storage_options=storage_options(path))
+    return pd.read_parquet(path, columns=columns, storage_options=storage_options(path, settings))
 
 
-def load_training_dataframe(path, y_min: float = 1, y_max: float = 60, columns=None) -> pd.DataFrame:
+def load_training_dataframe(
+    path, settings: Settings, y_min: float = 1, y_max: float = 60, columns=None
+) -> pd.DataFrame:
     """A green-taxi month with the target `duration` in minutes, filtered to [y_min, y_max]."""
-    df = read_parquet(path, columns=columns)
+    df = read_parquet(path, settings, columns=columns)
     check_columns(df, source=str(path))
     return add_duration(df, y_min=y_min, y_max=y_max)
 
 
 def main(argv=None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Fetch NYC TLC monthly files into the data cache.")
     parser.add_argument("months", nargs="*", default=["2021-01", "2021-02"], help="YYYY-MM (default: 2021-01 2021-02)")
     parser.add_argument("--taxi-type", default="green")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = get_settings()
     try:
         for value in args.months:
             year, month = (int(x) for x in value.split("-"))
-            print(fetch_month(args.taxi_type, year, month))
-        print(fetch_zones())
+            print(fetch_month(args.taxi_type, year, month, settings=settings))
+        print(fetch_zones(settings))
     except (DataUnavailable, ChecksumMismatch, ValueError) as exc:
         print(f"error: {exc}")
         return 1

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import numpy as np
 from sklearn.ensemble import RandomForestRegressor
@@ -33,7 +34,18 @@ from .fastmodel import FastForest
 from .features import EXAMPLE_RIDE, TARGET, prepare_features
 from .predict import SERVING_DIR
 from .registry import TRUSTED_TYPES, TrackingServerDown, check_tracking_server
-from .tlc import describe_training_data, load_training_dataframe
+from .tlc import (
+    ChecksumMismatch,
+    DataUnavailable,
+    MonthFile,
+    describe_training_data,
+    filename,
+    load_training_dataframe,
+    locate_month,
+    training_provenance,
+)
+
+# Imported inside functions, to keep them lazy: mlflow (2-3 s; `train` alone never needs it).
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +54,6 @@ PARAMS = {"n_estimators": 100, "max_depth": 20, "random_state": 42}
 
 
 def _model_requirements() -> list[str]:
-    from importlib.metadata import version
-
     return [f"{name}=={version(name)}" for name in ("scikit-learn", "skops", "numpy", "scipy")]
 
 
@@ -73,19 +83,19 @@ def build_pipeline(params: dict | None = None) -> Pipeline:
     return make_pipeline(DictVectorizer(), RandomForestRegressor(n_jobs=-1, **params))
 
 
-def train(train_path, valid_path, params: dict | None = None, *, synthetic: bool | None = None) -> TrainResult:
+def train(
+    train_path, valid_path, settings: Settings, params: dict | None = None, *, synthetic: bool | None = None
+) -> TrainResult:
     """Fit the reference pipeline on `train_path`, score it on `valid_path`.
 
     Paths, URLs or `data.MonthFile`s. Their provenance is recorded in the result;
     `synthetic=None` detects synthetic files by their marker (data.is_synthetic).
     """
-    from .tlc import MonthFile, training_provenance
-
     start = time.perf_counter()
-    provenance = training_provenance(train_path, valid_path, synthetic=synthetic)
+    provenance = training_provenance(train_path, valid_path, settings, synthetic=synthetic)
     train_path, valid_path = (p.path if isinstance(p, MonthFile) else p for p in (train_path, valid_path))
-    df_train = load_training_dataframe(train_path)
-    df_valid = load_training_dataframe(valid_path)
+    df_train = load_training_dataframe(train_path, settings)
+    df_valid = load_training_dataframe(valid_path, settings)
     pipeline = build_pipeline(params)
     pipeline.fit(prepare_features(df_train), df_train[TARGET].to_numpy())
     pipeline[-1].n_jobs = None
@@ -152,7 +162,7 @@ class LoggedModel:
 def log_to_mlflow(
     result: TrainResult,
     *,
-    settings: Settings | None = None,
+    settings: Settings,
     register: bool = True,
     promote: bool = False,
     tags: dict | None = None,
@@ -161,7 +171,6 @@ def log_to_mlflow(
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    settings = settings or get_settings()
     check_tracking_server(settings.mlflow_tracking_uri)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     experiment = mlflow.set_experiment(settings.experiment_name)
@@ -222,8 +231,6 @@ def log_to_mlflow(
 def course_month(month: int, settings: Settings, allow_synthetic: bool = False, flag: str = "--allow-synthetic"):
     """Green `2021-<month>` (a `data.MonthFile`). Missing without `allow_synthetic`:
     SyntheticDataRefused naming the month, what was tried and what to set."""
-    from .tlc import DataUnavailable, filename, locate_month
-
     try:
         return locate_month("green", 2021, month, settings=settings, allow_synthetic=allow_synthetic)
     except DataUnavailable as exc:
@@ -248,8 +255,6 @@ def refuse_synthetic(training_data: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from .tlc import ChecksumMismatch, DataUnavailable, training_provenance
-
     parser = argparse.ArgumentParser(description="Train the ride duration model and log it to MLflow.")
     parser.add_argument("--train-path", help="parquet path/URL (default: green 2021-01 from the data cache)")
     parser.add_argument("--valid-path", help="parquet path/URL (default: green 2021-02)")
@@ -274,10 +279,10 @@ def main(argv=None) -> int:
         train_file = args.train_path or course_month(1, settings, args.allow_synthetic)
         valid_file = args.valid_path or course_month(2, settings, args.allow_synthetic)
         # Before the ~1 min fit: a refusal costs nothing.
-        provenance = training_provenance(train_file, valid_file)
+        provenance = training_provenance(train_file, valid_file, settings)
         if not args.allow_synthetic:
             refuse_synthetic(provenance)
-        result = train(train_file, valid_file)
+        result = train(train_file, valid_file, settings)
         print(f"trained on {result.n_train} rides in {result.seconds:.1f} s; rmse_valid = {result.rmse_valid:.3f} min")
         print(describe_training_data(result.training_data))
         if result.training_data["synthetic"]:
@@ -300,7 +305,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def ensure_production_model(settings: Settings | None = None, *, allow_synthetic: bool = False) -> str:
+def ensure_production_model(settings: Settings, *, allow_synthetic: bool = False) -> str:
     """Make sure `models:/<name>@<alias>` exists on the tracking server; train on the
     course's months and promote if it does not. Returns the registry URI.
 
@@ -311,14 +316,13 @@ def ensure_production_model(settings: Settings | None = None, *, allow_synthetic
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    settings = settings or get_settings()
     check_tracking_server(settings.mlflow_tracking_uri)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     try:
         MlflowClient().get_model_version_by_alias(settings.model_name, settings.model_alias)
     except MlflowException:
         january, february = (course_month(m, settings, allow_synthetic, flag="allow_synthetic=True") for m in (1, 2))
-        log_to_mlflow(train(january, february), settings=settings, promote=True)
+        log_to_mlflow(train(january, february, settings), settings=settings, promote=True)
     return settings.registry_uri
 
 

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         ride = {"PULocationID": args.pu, "DOLocationID": args.do, "trip_distance": args.distance}
         data, key = json.dumps({"ride": ride, "ride_id": ride_id}), str(ride_id)
     try:
-        response = kinesis_client().put_record(StreamName=stream, Data=data, PartitionKey=key)
+        response = kinesis_client(get_settings()).put_record(StreamName=stream, Data=data, PartitionKey=key)
     except (BotoCoreError, ClientError) as exc:
         print(f"error: could not put the record on stream {stream!r}: {exc}", file=sys.stderr)
         return 1

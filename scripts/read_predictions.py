@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     if args.dead_letters is not None:
         return print_dead_letters(args.dead_letters or settings.dead_letter_prefix)
     stream = args.stream or settings.predictions_stream
-    client = kinesis_client()
+    client = kinesis_client(get_settings())
     try:
         events = read_stream(client, stream, position=args.position, wait=args.wait)
     except (BotoCoreError, ClientError) as exc:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ride_duration import config
+from ride_duration.config import get_settings
 from ride_duration.tlc import write_synthetic_month
 from workbench.stack import LocalStack, free_port
 
@@ -45,7 +46,7 @@ def real_pipeline(real_data_dir):
     from ride_duration.train import train
 
     jan, feb = (real_data_dir / f"green_tripdata_2021-0{m}.parquet" for m in (1, 2))
-    return {"pipeline": train(jan, feb).pipeline, "feb": feb}
+    return {"pipeline": train(jan, feb, get_settings()).pipeline, "feb": feb}
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +99,8 @@ def trained_model(stack, synthetic_months):
     registered and promoted to `production` on the session's stack."""
     from ride_duration.train import log_to_mlflow, train
 
-    result = train(synthetic_months[(2021, 1)], synthetic_months[(2021, 2)])
-    logged = log_to_mlflow(result, promote=True)
+    result = train(synthetic_months[(2021, 1)], synthetic_months[(2021, 2)], get_settings())
+    logged = log_to_mlflow(result, promote=True, settings=get_settings())
     return {"result": result, "logged": logged, "pipeline": result.pipeline}
 
 

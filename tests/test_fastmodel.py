@@ -15,6 +15,7 @@ from sklearn.linear_model import LinearRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.tree import DecisionTreeRegressor
 
+from ride_duration.config import get_settings
 from ride_duration.fastmodel import (
     FORMAT_VERSION,
     FastForest,
@@ -30,7 +31,7 @@ RIDE = {"PU_DO": "130_205", "trip_distance": 3.66}
 
 
 def _fit(month, regressor):
-    frame = load_training_dataframe(month)
+    frame = load_training_dataframe(month, get_settings())
     return make_pipeline(DictVectorizer(), regressor).fit(prepare_features(frame), frame[TARGET].to_numpy())
 
 
@@ -38,7 +39,7 @@ def _fit(month, regressor):
 def small(synthetic_months):
     """A forest shaped like the course's (fewer, shallower trees), fitted in-process, and February's features."""
     pipeline = _fit(synthetic_months[(2021, 1)], RandomForestRegressor(n_estimators=20, max_depth=12, random_state=0))
-    return pipeline, prepare_features(load_training_dataframe(synthetic_months[(2021, 2)]))
+    return pipeline, prepare_features(load_training_dataframe(synthetic_months[(2021, 2)], get_settings()))
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def _npz(path, **arrays) -> bytes:
 def test_saved_form_equals_the_pipeline_on_all_of_february_2021(real_pipeline, tmp_path):
     """The real model, every ride of the real February, through save and load."""
     pipeline = real_pipeline["pipeline"]
-    features = prepare_features(load_training_dataframe(real_pipeline["feb"]))
+    features = prepare_features(load_training_dataframe(real_pipeline["feb"], get_settings()))
     assert len(features) > 60_000
     built = FastForest.from_pipeline(pipeline)
     meta_path, arrays_path = built.save(tmp_path)

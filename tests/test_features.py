@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ride_duration.config import get_settings
 from ride_duration.features import add_duration, prepare_features
 from ride_duration.predict import make_prediction
 from ride_duration.tlc import load_training_dataframe
@@ -28,7 +29,7 @@ def test_duration_filter_keeps_both_bounds(tmp_path):
     minutes = [0.99, 1.0, 30, 60.0, 60.01, -5]
     path = tmp_path / "trips.parquet"
     _trips(minutes).to_parquet(path)
-    df = load_training_dataframe(path)
+    df = load_training_dataframe(path, get_settings())
     assert df["duration"].tolist() == pytest.approx([1.0, 30.0, 60.0])
 
 
@@ -41,7 +42,7 @@ def test_load_training_dataframe_names_missing_column(tmp_path):
     path = tmp_path / "bad.parquet"
     _trips([5]).drop(columns=["trip_distance"]).to_parquet(path)
     with pytest.raises(ValueError, match="trip_distance"):
-        load_training_dataframe(path)
+        load_training_dataframe(path, get_settings())
 
 
 def test_features_from_dicts_and_dataframe_agree():
@@ -95,7 +96,7 @@ def test_not_a_list_of_rides():
 def test_make_prediction_one_call_for_many(synthetic_months):
     from ride_duration.train import build_pipeline
 
-    df = load_training_dataframe(synthetic_months[(2021, 1)])
+    df = load_training_dataframe(synthetic_months[(2021, 1)], get_settings())
     pipeline = build_pipeline({"n_estimators": 5})
     pipeline.fit(prepare_features(df), df["duration"])
     rides = df.head(5)

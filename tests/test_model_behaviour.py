@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ride_duration.config import get_settings
 from ride_duration.predict import make_prediction
 from ride_duration.tlc import load_training_dataframe
 
@@ -18,7 +19,7 @@ def test_the_course_example_ride_stays_near_18_minutes(real_pipeline):
 
 
 def test_longer_trips_predict_longer_durations_on_average(real_pipeline):
-    feb = load_training_dataframe(real_pipeline["feb"])
+    feb = load_training_dataframe(real_pipeline["feb"], get_settings())
     feb = feb[feb["trip_distance"].between(0.5, 20)].sample(5000, random_state=1)
     rides = feb[["PULocationID", "DOLocationID", "trip_distance"]]
     base = make_prediction(real_pipeline["pipeline"], rides)

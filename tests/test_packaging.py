@@ -49,9 +49,10 @@ def test_wheel_installs_in_fresh_venv_and_predicts(dist, tmp_path, synthetic_mon
     code = f"""
 import ride_duration, sys
 assert '{REPO}' not in ride_duration.__file__, ride_duration.__file__
+from ride_duration.config import get_settings
 from ride_duration.train import train
 from ride_duration.predict import make_prediction
-r = train({str(synthetic_months[(2021, 1)])!r}, {str(synthetic_months[(2021, 2)])!r}, params={{"n_estimators": 10}})
+r = train({str(synthetic_months[(2021, 1)])!r}, {str(synthetic_months[(2021, 2)])!r}, get_settings(), params={{"n_estimators": 10}})
 p = make_prediction(r.pipeline, [{{"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}}])
 print(ride_duration.__version__, ride_duration.__file__, round(float(p[0]), 3))
 """

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ride_duration.aws import s3_client, split_s3_uri
+from ride_duration.config import get_settings
 from ride_duration.fastmodel import FastForest
 from ride_duration.predict import SERVING_DIR, load_serving_model, make_prediction
 from ride_duration.registry import ModelNotFound, load_model
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _objects(uri: str) -> dict[str, int]:
     bucket, prefix = split_s3_uri(uri)
-    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+    pages = s3_client(get_settings()).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
     return {o["Key"].removeprefix(prefix + "/"): o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
@@ -45,7 +46,9 @@ def test_services_load_the_serving_form_and_predict_as_the_pipeline(trained_mode
         assert isinstance(model, FastForest) and model.source == "serving form", label
         assert version == logged.run_id, label
         assert model.training_data == trained_model["result"].training_data, label
-    rides = load_training_dataframe(synthetic_months[(2021, 2)])[["PULocationID", "DOLocationID", "trip_distance"]]
+    rides = load_training_dataframe(synthetic_months[(2021, 2)], get_settings())[
+        ["PULocationID", "DOLocationID", "trip_distance"]
+    ]
     rides = rides.to_dict("records")
     expected = make_prediction(trained_model["pipeline"], rides)
     assert make_prediction(model, rides).tolist() == pytest.approx(expected.tolist(), abs=1e-9)
@@ -59,7 +62,7 @@ def test_a_model_without_the_serving_form_loads_its_skops_file(trained_model, se
     for key in _objects(trained_model["logged"].s3_uri):
         if not key.startswith(SERVING_DIR):
             (folder / key).parent.mkdir(parents=True, exist_ok=True)
-            s3_client().download_file(bucket, f"{prefix}/{key}", str(folder / key))
+            s3_client(get_settings()).download_file(bucket, f"{prefix}/{key}", str(folder / key))
     model, version = load_serving_model(str(folder), settings)
     assert model.source == "skops" and type(model).__name__ == "Pipeline"
     assert version == trained_model["logged"].run_id
@@ -69,13 +72,13 @@ def test_a_tampered_serving_form_is_refused_in_one_sentence(trained_model, setti
     logged = trained_model["logged"]
     bucket, prefix = split_s3_uri(logged.s3_uri)
     key = f"{prefix}/{SERVING_DIR}/forest.npz"
-    original = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    original = s3_client(get_settings()).get_object(Bucket=bucket, Key=key)["Body"].read()
     try:
-        s3_client().put_object(Bucket=bucket, Key=key, Body=original[: len(original) // 2])
+        s3_client(get_settings()).put_object(Bucket=bucket, Key=key, Body=original[: len(original) // 2])
         with pytest.raises(ModelNotFound, match=r"forest\.npz .* does not match the sha256 .*truncated or altered"):
             load_serving_model(None, _direct(settings, logged))
     finally:
-        s3_client().put_object(Bucket=bucket, Key=key, Body=original)
+        s3_client(get_settings()).put_object(Bucket=bucket, Key=key, Body=original)
 
 
 _COLD = """

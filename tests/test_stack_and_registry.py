@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from ride_duration import config
+from ride_duration.config import get_settings
 from ride_duration.predict import make_prediction
 from ride_duration.registry import ModelNotFound, load_model, s3_model_uri
 from ride_duration.train import TrackingServerDown, check_tracking_server, log_to_mlflow
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_load_via_alias_matches_trained_pipeline(trained_model, settings):
-    model, version = load_model()  # default: models:/NYCRideDurationModel@production
+    model, version = load_model(settings=get_settings())  # default: models:/NYCRideDurationModel@production
     logged = trained_model["logged"]
     assert version == logged.run_id
     expected = make_prediction(trained_model["pipeline"], [EXAMPLE])
@@ -51,10 +52,10 @@ def test_load_from_s3_and_local_folder(trained_model, settings, tmp_path):
     import mlflow
 
     logged = trained_model["logged"]
-    model, version = load_model(logged.s3_uri)
+    model, version = load_model(logged.s3_uri, settings=get_settings())
     assert version == logged.run_id
     folder = mlflow.artifacts.download_artifacts(artifact_uri=logged.s3_uri, dst_path=str(tmp_path))
-    model2, version2 = load_model(folder)
+    model2, version2 = load_model(folder, settings=get_settings())
     assert version2 == logged.run_id
     assert make_prediction(model2, [EXAMPLE]).tolist() == pytest.approx(make_prediction(model, [EXAMPLE]).tolist())
 
@@ -63,7 +64,7 @@ def test_model_id_and_experiment_id_from_env(trained_model, monkeypatch):
     logged = trained_model["logged"]
     monkeypatch.setenv("MODEL_ID", logged.model_id)
     monkeypatch.setenv("EXPERIMENT_ID", logged.experiment_id)
-    _, version = load_model()
+    _, version = load_model(settings=get_settings())
     assert version == logged.run_id
 
 
@@ -78,14 +79,14 @@ def test_model_id_and_experiment_id_from_env(trained_model, monkeypatch):
 )
 def test_unknown_model_names_what_and_where(trained_model, uri, words):
     with pytest.raises(ModelNotFound) as excinfo:
-        load_model(uri)
+        load_model(uri, settings=get_settings())
     for word in words:
         assert word in str(excinfo.value)
 
 
 def test_unknown_local_folder(tmp_path):
     with pytest.raises(ModelNotFound, match=str(tmp_path)):
-        load_model(str(tmp_path))
+        load_model(str(tmp_path), settings=get_settings())
 
 
 def test_training_with_tracking_server_down_says_how_to_start_it(capsys, monkeypatch, synthetic_months):
@@ -128,10 +129,10 @@ def test_stack_restart_keeps_registry_and_artifacts_and_s3_survives_tracking_dow
     assert "already up" in capsys.readouterr().out
     assert {n: stack.status()[n]["pid"] for n in ("s3", "mlflow")} == pids
 
-    logged = log_to_mlflow(trained_model["result"], promote=True)
+    logged = log_to_mlflow(trained_model["result"], promote=True, settings=get_settings())
     from ride_duration.aws import s3_client
 
-    s3_client().put_object(
+    s3_client(get_settings()).put_object(
         Bucket=stack.predictions_bucket, Key="taxi_type=green/year=2021/month=02/x.parquet", Body=b"abc"
     )
 
@@ -140,20 +141,22 @@ def test_stack_restart_keeps_registry_and_artifacts_and_s3_survives_tracking_dow
     stack.up(("s3", "mlflow"))
 
     body = (
-        s3_client()
+        s3_client(get_settings())
         .get_object(Bucket=stack.predictions_bucket, Key="taxi_type=green/year=2021/month=02/x.parquet")["Body"]
         .read()
     )
     assert body == b"abc"
-    model, version = load_model()  # registry + alias after the restart
+    model, version = load_model(settings=get_settings())  # registry + alias after the restart
     assert version == logged.run_id
 
     # the course's point: with the tracking server down, S3 still serves the model
     stack._stop("mlflow")
     assert not stack.healthy("mlflow")
     with pytest.raises(ModelNotFound):
-        load_model()
-    model, version = load_model(s3_model_uri(stack.mlflow_bucket, logged.experiment_id, logged.model_id))
+        load_model(settings=get_settings())
+    model, version = load_model(
+        s3_model_uri(stack.mlflow_bucket, logged.experiment_id, logged.model_id), settings=get_settings()
+    )
     assert version == logged.run_id
     assert make_prediction(model, [EXAMPLE]).tolist() == pytest.approx(
         make_prediction(trained_model["pipeline"], [EXAMPLE]).tolist()
@@ -199,8 +202,8 @@ def test_aws_profile_used_when_endpoint_unset(monkeypatch):
     for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    assert s3_client().meta.endpoint_url == "https://s3.eu-west-1.amazonaws.com"
-    assert "endpoint_url" not in storage_options("s3://b/k")["client_kwargs"]
+    assert s3_client(get_settings()).meta.endpoint_url == "https://s3.eu-west-1.amazonaws.com"
+    assert "endpoint_url" not in storage_options("s3://b/k", get_settings())["client_kwargs"]
     assert config.get_settings().is_local_stack is False
 
 
@@ -227,15 +230,15 @@ def test_kill_9_of_every_stack_process_keeps_models_and_objects(trained_model, t
         monkeypatch.setenv(key, value)
     try:
         stack.up(("s3", "mlflow"))
-        logged = log_to_mlflow(trained_model["result"], promote=True)
+        logged = log_to_mlflow(trained_model["result"], promote=True, settings=get_settings())
         rides = [{**EXAMPLE, "trip_distance": d} for d in (0.5, 3.66, 12.0)]
         expected = make_prediction(trained_model["pipeline"], rides)
         path = f"s3://{stack.predictions_bucket}/taxi_type=green/year=2021/month=02/predictions.parquet"
         pd.DataFrame({"ride_id": ["a", "b", "c"], "predicted_duration": expected}).to_parquet(
-            path, storage_options=storage_options(path)
+            path, storage_options=storage_options(path, get_settings())
         )  # pandas -> s3fs -> SeaweedFS, as batch writes
         key = path.removeprefix(f"s3://{stack.predictions_bucket}/")
-        written = s3_client().get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read()
+        written = s3_client(get_settings()).get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read()
         before = stack.s3_inventory()
         assert before[stack.predictions_bucket] == 1 and before[stack.mlflow_bucket] >= 5  # MLmodel, model.skops, ...
 
@@ -255,22 +258,24 @@ def test_kill_9_of_every_stack_process_keeps_models_and_objects(trained_model, t
         assert f"s3       {sum(before.values())} object(s) in {len(before)} bucket(s) kept" in out
         assert "recreated empty (moto keeps streams in memory" in out
         assert stack.s3_inventory() == before
-        model, version = load_model()  # models:/NYCRideDurationModel@production, through the restarted registry
+        model, version = load_model(
+            settings=get_settings()
+        )  # models:/NYCRideDurationModel@production, through the restarted registry
         assert version == logged.run_id
         assert make_prediction(model, rides).tolist() == pytest.approx(expected.tolist())
-        assert s3_client().get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read() == written
-        assert pd.read_parquet(path, storage_options=storage_options(path))["predicted_duration"].tolist() == (
-            pytest.approx(expected.tolist())
-        )
+        assert s3_client(get_settings()).get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read() == written
+        assert pd.read_parquet(path, storage_options=storage_options(path, get_settings()))[
+            "predicted_duration"
+        ].tolist() == (pytest.approx(expected.tolist()))
 
         # When the artifacts ARE gone, loading says so, and where.
         bucket, _, prefix = logged.s3_uri.removeprefix("s3://").partition("/")
-        s3 = s3_client()
+        s3 = s3_client(get_settings())
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 s3.delete_object(Bucket=bucket, Key=obj["Key"])
         with pytest.raises(ModelNotFound) as excinfo:
-            load_model()
+            load_model(settings=get_settings())
         message = str(excinfo.value)
         assert "artifacts are missing" in message
         assert logged.s3_uri.rstrip("/") in message and stack.url("s3") in message

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from ride_duration import config, tlc
+from ride_duration.config import get_settings
 
 
 @pytest.fixture
@@ -57,12 +58,12 @@ def test_download_from_mirror_url_verifies_checksum(http_folder, isolated, tmp_p
     (folder / "green_tripdata_2020-05.parquet").write_bytes(payload)
     monkeypatch.setitem(tlc.KNOWN_SHA256, "green_tripdata_2020-05.parquet", hashlib.sha256(payload).hexdigest())
     monkeypatch.setenv("TLC_MIRROR", url)
-    path = tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    path = tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False, settings=get_settings())
     assert path == isolated / "green_tripdata_2020-05.parquet"
     assert path.read_bytes() == payload
     # a second call is served from the verified cache even with the mirror gone
     (folder / "green_tripdata_2020-05.parquet").unlink()
-    assert tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False) == path
+    assert tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False, settings=get_settings()) == path
 
 
 def test_checksum_mismatch_refuses_and_leaves_nothing(http_folder, isolated, tmp_path, monkeypatch):
@@ -72,7 +73,7 @@ def test_checksum_mismatch_refuses_and_leaves_nothing(http_folder, isolated, tmp
     monkeypatch.setitem(tlc.KNOWN_SHA256, "green_tripdata_2020-05.parquet", "0" * 64)
     monkeypatch.setenv("TLC_MIRROR", url)
     with pytest.raises(tlc.ChecksumMismatch) as excinfo:
-        tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False)
+        tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False, settings=get_settings())
     message = str(excinfo.value)
     assert "green_tripdata_2020-05.parquet" in message
     assert hashlib.sha256(payload).hexdigest() in message and "0" * 64 in message
@@ -83,10 +84,10 @@ def test_mirror_folder_and_real_checksums(isolated, monkeypatch, real_data_dir):
     if real_data_dir is None:
         pytest.skip("TLC_MIRROR with the real files is not set")
     monkeypatch.setenv("TLC_MIRROR", str(real_data_dir))
-    path = tlc.fetch_month("green", 2021, 2, allow_synthetic=False, progress=False)
+    path = tlc.fetch_month("green", 2021, 2, allow_synthetic=False, progress=False, settings=get_settings())
     assert tlc.sha256_of(path) == tlc.KNOWN_SHA256[path.name]
     assert len(pd.read_parquet(path)) == 64_572
-    zones = tlc.load_zones()
+    zones = tlc.load_zones(get_settings())
     assert len(zones) == 265
     # pandas would read the literal "N/A" as missing without keep_default_na=False
     assert zones.set_index("LocationID").loc[265, "Zone"] == "Outside of NYC"
@@ -97,7 +98,7 @@ def test_mirror_folder_and_real_checksums(isolated, monkeypatch, real_data_dir):
 def test_unavailable_month_names_what_was_tried(isolated, monkeypatch, tmp_path):
     monkeypatch.setenv("TLC_MIRROR", str(tmp_path / "empty-mirror"))
     with pytest.raises(tlc.DataUnavailable) as excinfo:
-        tlc.fetch_month("green", 2019, 7, allow_synthetic=False, progress=False)
+        tlc.fetch_month("green", 2019, 7, allow_synthetic=False, progress=False, settings=get_settings())
     message = str(excinfo.value)
     assert str(tmp_path / "empty-mirror" / "green_tripdata_2019-07.parquet") in message
     assert "http://127.0.0.1:9/trip-data/green_tripdata_2019-07.parquet" in message
@@ -105,7 +106,7 @@ def test_unavailable_month_names_what_was_tried(isolated, monkeypatch, tmp_path)
 
 def test_synthetic_fallback_warns_and_matches_schema(isolated, real_data_dir):
     with pytest.warns(RuntimeWarning, match="SYNTHETIC"):
-        path = tlc.fetch_month("green", 2019, 7, progress=False)
+        path = tlc.fetch_month("green", 2019, 7, progress=False, settings=get_settings())
     assert path.name == "green_tripdata_2019-07.synthetic.parquet"
     df = pd.read_parquet(path)
     assert list(df.columns) == tlc.GREEN_COLUMNS and len(df.columns) == 20
@@ -137,8 +138,8 @@ def test_synthetic_files_carry_a_marker_and_are_described_as_synthetic(tmp_path)
     path = tlc.write_synthetic_month(tmp_path / "green_tripdata_2021-01.parquet", 2021, 1, n_rows=300)
     plain = tmp_path / "plain.parquet"
     pd.read_parquet(path).to_parquet(plain, index=False)  # same rows, written without the marker
-    assert tlc.is_synthetic(path) and not tlc.is_synthetic(plain)
-    described = tlc.describe_file(path)
+    assert tlc.is_synthetic(path, get_settings()) and not tlc.is_synthetic(plain, get_settings())
+    described = tlc.describe_file(path, get_settings())
     assert described == {
         "file": "green_tripdata_2021-01.parquet",
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -148,9 +149,11 @@ def test_synthetic_files_carry_a_marker_and_are_described_as_synthetic(tmp_path)
         "synthetic": True,
         "verified": False,  # the official January has another checksum
     }
-    assert tlc.describe_file(plain)["synthetic"] is False
-    assert tlc.describe_file(plain, synthetic=True)["synthetic"] is True  # a caller may say so, never hide it
-    both = tlc.training_provenance(path, plain)
+    assert tlc.describe_file(plain, get_settings())["synthetic"] is False
+    assert (
+        tlc.describe_file(plain, synthetic=True, settings=get_settings())["synthetic"] is True
+    )  # a caller may say so, never hide it
+    both = tlc.training_provenance(path, plain, get_settings())
     assert both["synthetic"] is True and both["train"]["synthetic"] and not both["valid"]["synthetic"]
 
 
@@ -158,21 +161,21 @@ def test_locate_month_names_its_source(http_folder, isolated, tmp_path, monkeypa
     folder, url = http_folder
     (folder / "green_tripdata_2020-05.parquet").write_bytes(_month_bytes(tmp_path))
     monkeypatch.setenv("TLC_MIRROR", url)
-    first = tlc.locate_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    first = tlc.locate_month("green", 2020, 5, allow_synthetic=False, progress=False, settings=get_settings())
     assert first.source == f"TLC_MIRROR {url}/green_tripdata_2020-05.parquet"
-    again = tlc.locate_month("green", 2020, 5, allow_synthetic=False, progress=False)
+    again = tlc.locate_month("green", 2020, 5, allow_synthetic=False, progress=False, settings=get_settings())
     assert again.source == f"cache {isolated / 'green_tripdata_2020-05.parquet'}"
-    assert tlc.describe_file(again)["source"] == again.source
+    assert tlc.describe_file(again, get_settings())["source"] == again.source
     # the mirror served a synthetic file: its marker says so even after the copy
-    assert tlc.describe_file(again)["synthetic"] is True
+    assert tlc.describe_file(again, get_settings())["synthetic"] is True
 
     monkeypatch.delenv("TLC_MIRROR")
     with pytest.warns(RuntimeWarning, match="SYNTHETIC"):
-        fallback = tlc.locate_month("green", 2019, 7, progress=False)
+        fallback = tlc.locate_month("green", 2019, 7, progress=False, settings=get_settings())
     assert (fallback.source, fallback.synthetic) == ("synthetic fallback", True)
-    assert tlc.describe_file(fallback)["synthetic"] is True
+    assert tlc.describe_file(fallback, get_settings())["synthetic"] is True
     with pytest.raises(tlc.DataUnavailable) as excinfo:
-        tlc.locate_month("green", 2019, 8, allow_synthetic=False, progress=False)
+        tlc.locate_month("green", 2019, 8, allow_synthetic=False, progress=False, settings=get_settings())
     [tried] = excinfo.value.tried  # what training's refusal lists
     assert tried.startswith("http://127.0.0.1:9/trip-data/green_tripdata_2019-08.parquet (")
 
@@ -181,8 +184,8 @@ def test_real_months_are_described_as_real_and_verified(isolated, monkeypatch, r
     if real_data_dir is None:
         pytest.skip("TLC_MIRROR with the real files is not set")
     monkeypatch.setenv("TLC_MIRROR", str(real_data_dir))
-    january = tlc.locate_month("green", 2021, 1, allow_synthetic=False, progress=False)
-    assert tlc.describe_file(january) == {
+    january = tlc.locate_month("green", 2021, 1, allow_synthetic=False, progress=False, settings=get_settings())
+    assert tlc.describe_file(january, get_settings()) == {
         "file": "green_tripdata_2021-01.parquet",
         "sha256": "b8e2c9496c5eada0f10adbd88f98d91721ec6fe2787a2b355cf0ccfa9678ee7b",
         "size": 1_333_519,

@@ -8,6 +8,7 @@ import hashlib
 import pytest
 
 from ride_duration import tlc
+from ride_duration.config import get_settings
 from ride_duration.train import SyntheticDataRefused, ensure_production_model
 from ride_duration.train import main as train_main
 
@@ -103,7 +104,7 @@ def test_cli_with_allow_synthetic_records_the_provenance(stack, synthetic_months
         "synthetic": True,
         "verified": False,
     }
-    model, _ = load_model(f"runs:/{run_id}/model")
+    model, _ = load_model(f"runs:/{run_id}/model", settings=get_settings())
     assert model.training_data == recorded
 
 
@@ -133,5 +134,5 @@ def test_ensure_production_model_refuses_synthetic_data(stack, no_real_data, mon
         r"to a folder or URL prefix holding green_tripdata_2021-01.parquet, or pass "
         r"allow_synthetic=True to train",
     ):
-        ensure_production_model()
+        ensure_production_model(get_settings())
     assert MlflowClient(stack.url("mlflow")).search_registered_models("name = 'NoProductionModelYet'") == []

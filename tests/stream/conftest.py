@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ride_duration.config import get_settings
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -46,7 +48,7 @@ def stub_model() -> StubModel:
 def kinesis(stack):
     from ride_duration.aws import kinesis_client
 
-    return kinesis_client()
+    return kinesis_client(get_settings())
 
 
 @pytest.fixture
@@ -80,4 +82,4 @@ def streams(make_stream, monkeypatch):
 def s3(stack):
     from ride_duration.aws import s3_client
 
-    return s3_client()
+    return s3_client(get_settings())

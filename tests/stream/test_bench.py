@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.stream import compare_designs, synthetic_event
+from ride_duration.config import get_settings
 from ride_duration.registry import load_model, production_model_s3
 from ride_duration.stream import ModelService
 from ride_duration.stream.codec import decode_data
@@ -27,14 +28,16 @@ def test_compare_designs_counts_output_calls(kinesis, make_stream, stub_model):
 
 
 def test_production_model_s3_is_where_the_registry_points(trained_model, canonical_event):
-    where = production_model_s3()
+    where = production_model_s3(get_settings())
     logged = trained_model["logged"]
     assert (where["MODEL_ID"], where["EXPERIMENT_ID"], where["uri"]) == (
         logged.model_id,
         logged.experiment_id,
         logged.s3_uri,
     )
-    model, version = load_model(where["uri"])  # what a Lambda with MODEL_ID + EXPERIMENT_ID loads
+    model, version = load_model(
+        where["uri"], settings=get_settings()
+    )  # what a Lambda with MODEL_ID + EXPERIMENT_ID loads
     response = ModelService(model, version).lambda_handler(canonical_event)
     expected = trained_model["pipeline"].predict([{"PU_DO": "130_205", "trip_distance": 3.66}])[0]
     assert abs(response["predictions"][0]["prediction"]["ride_duration"] - expected) < 1e-9

@@ -245,7 +245,8 @@ def test_image_install_has_the_handler_and_nothing_of_web_or_batch(image_venv):
         "import importlib.util, json, lambda_function, ride_duration.stream as s;"
         "print(json.dumps({'file': s.__file__, 'same': lambda_function.lambda_handler is s.lambda_handler,"
         " 'absent': [m for m in ('prefect', 'papermill', 'gunicorn', 'gevent', 'flask', 'pyarrow', 's3fs',"
-        " 'pipenv', 'pytest', 'moto') if importlib.util.find_spec(m) is None]}))"
+        " 'pipenv', 'pytest', 'moto', 'workbench', 'benchmarks')"
+        " if importlib.util.find_spec(m) is None]}))"
     )
     out = subprocess.run(
         [str(image_venv["python"]), "-c", check],
@@ -271,6 +272,8 @@ def test_image_install_has_the_handler_and_nothing_of_web_or_batch(image_venv):
         "pipenv",
         "pytest",
         "moto",
+        "workbench",
+        "benchmarks",
     ]
 
 

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from ride_duration.config import get_settings
 from workbench.gunicorn import GunicornServer
 from workbench.stack import LocalStack, free_port
 
@@ -46,8 +47,13 @@ def offline_model(stack, tmp_path_factory, synthetic_months):
     own.up(("s3", "mlflow"))
     try:
         with _environment(own.env()):
-            result = train(synthetic_months[(2021, 1)], synthetic_months[(2021, 2)], params={"n_estimators": 20})
-            logged = log_to_mlflow(result, promote=True)
+            result = train(
+                synthetic_months[(2021, 1)],
+                synthetic_months[(2021, 2)],
+                params={"n_estimators": 20},
+                settings=get_settings(),
+            )
+            logged = log_to_mlflow(result, promote=True, settings=get_settings())
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # back to the session stack
         own._stop("mlflow")  # only the tracking server: S3 stays up
         assert not own.healthy("mlflow")

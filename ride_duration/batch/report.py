@@ -30,6 +30,9 @@ from ..registry import (
 )
 from ..tlc import describe_training_data
 
+# Imported inside functions, to keep them lazy: mlflow (2-3 s, only to check the model), papermill,
+# nbformat and IPython (only when a report runs, not when the CLI fails fast first).
+
 log = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id, as the model parameter may give

@@ -42,6 +42,9 @@ from ..registry import ModelRef, load_model
 from ..tlc import DataUnavailable, fetch_month, official_url
 from .paths import BatchPaths, rejects_location
 
+# Imported inside functions, to keep them lazy: scipy and sklearn (only for the pipeline's
+# design matrix, built once per month).
+
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = (

@@ -35,10 +35,19 @@ from .stack import MARKER, LocalStack, activate_if_running, pid_alive
 
 # The worker's defaults are for a remote server: a poll for due runs every 10 s. The local
 # server answers a poll per second easily, so a month waits ~0.5 s for a free worker, not ~5 s.
-WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+# Plain log files: INFO says which worker took which month, no terminal colour codes, and each
+# month's lines as they happen (a month's process writes to the worker through a pipe, which
+# Python would otherwise fill in 8 KB blocks).
+WORKER_ENV = {
+    "PREFECT_WORKER_QUERY_SECONDS": "1",
+    "PREFECT_LOGGING_LEVEL": "INFO",
+    "PREFECT_LOGGING_COLORS": "false",
+    "PYTHONUNBUFFERED": "1",
+}
 SUBMITTED = re.compile(r"^(\S+) \|.*Worker '([^']+)' submitting flow run '([0-9a-f-]{36})'")
 # Two workers may reach for the same run; the server lets one have it and the other says so.
 ABORTED = re.compile(r"Aborted submission of flow run '([0-9a-f-]{36})'")
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # in logs written before colours were turned off
 
 
 @dataclass(frozen=True)
@@ -234,12 +243,31 @@ def stop(stack: LocalStack, timeout: float = 15) -> list[str]:
     return [worker.name for worker in found]
 
 
+def log_sizes(stack: LocalStack) -> dict[str, int]:
+    """Each worker log's size now: `wait_for_line(..., since=...)` then reads only what follows."""
+    return {str(path): path.stat().st_size for path in (stack.local_dir / "logs").glob("worker-*.log")}
+
+
+def wait_for_line(stack: LocalStack, text: str, *, since: dict[str, int] | None = None, timeout: float = 120) -> Worker:
+    """The running worker whose log gets a line containing `text` (after `since`, from `log_sizes`)."""
+    since = since or {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for worker in workers(stack):
+            with open(worker.log_path, "rb") as log:
+                log.seek(since.get(str(worker.log_path), 0))
+                if text in log.read().decode(errors="replace"):
+                    return worker
+        time.sleep(0.05)
+    raise ProcessFailed(f"no worker logged {text!r} within {timeout:.0f} s")
+
+
 def runs_taken(stack: LocalStack) -> dict[str, list[str]]:
     """Flow run id -> the workers that took it, in the order they did (from the workers' logs,
     whose lines start with the time; a month whose worker died is taken again by another)."""
     taken = []
     for path in sorted((stack.local_dir / "logs").glob("worker-*.log")):
-        for line in path.read_text(errors="replace").splitlines():
+        for line in COLOUR.sub("", path.read_text(errors="replace")).splitlines():
             if submitted := SUBMITTED.match(line):
                 taken.append(submitted.groups())
             elif aborted := ABORTED.search(line):

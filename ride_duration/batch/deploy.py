@@ -69,7 +69,8 @@ def ensure_result_storage(settings: Settings) -> str:
     """The S3 folder the runs' results go to, saved as a block the workers and the backfill load.
     The endpoint and credentials come from each machine's environment, as for every S3 call here."""
     basepath = f"s3://{settings.predictions_bucket}/_prefect-results"
-    RemoteFileSystem(basepath=basepath).save(RESULTS_BLOCK, overwrite=True)
+    # _sync: in Jupyter's event loop Prefect would return the coroutine of the async variant, unsaved.
+    RemoteFileSystem(basepath=basepath).save(RESULTS_BLOCK, overwrite=True, _sync=True)
     return basepath
 
 

@@ -115,7 +115,7 @@ def ride_duration_prediction_backfill(
     results, failures = [], []
     for (y, m), state in zip(months, states):
         if state.is_completed():
-            results.append(state.result())
+            results.append(state.result(_sync=True))  # _sync: called from Jupyter too (see deploy)
         else:
             failures.append(f"{y:04d}-{m:02d}: {state.message}")
     if failures:

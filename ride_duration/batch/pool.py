@@ -15,7 +15,13 @@ from datetime import UTC, datetime
 from uuid import UUID
 
 from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, WorkerFilter, WorkerFilterStatus
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    WorkerFilter,
+    WorkerFilterStatus,
+)
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
@@ -107,3 +113,17 @@ def wait_for_runs(ids: list[UUID], timeout: float | None = None, poll: float = 0
 
 def wait_for_run(flow_run_id: UUID, timeout: float | None = 120) -> FlowRun:
     return wait_for_runs([flow_run_id], timeout)[0]
+
+
+def month_runs(backfill_run_id: UUID) -> list[FlowRun]:
+    """The runs a backfill submitted (its children), in the order of the months they score."""
+    children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[backfill_run_id]))
+    with get_client(sync_client=True) as client:
+        return sorted(client.read_flow_runs(flow_run_filter=children), key=lambda run: run.expected_start_time)
+
+
+def run_history(flow_run_id: UUID) -> list[tuple[str, str]]:
+    """(state name, message) of every state the run went through, oldest first."""
+    with get_client(sync_client=True) as client:
+        states = sorted(client.read_flow_run_states(flow_run_id), key=lambda state: state.timestamp)
+    return [(state.name, state.message or "") for state in states]

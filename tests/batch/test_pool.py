@@ -5,7 +5,6 @@ over the workers, re-runs replace, a failed month is named, a worker killed mid-
 from __future__ import annotations
 
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -31,14 +30,9 @@ def _client():
 
 
 def _month_runs(backfill_state) -> list:
-    """The runs of the deployment the backfill submitted, by scheduled time."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from ride_duration.batch.pool import month_runs
 
-    children = FlowRunFilter(
-        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[backfill_state.state_details.flow_run_id])
-    )
-    with _client() as client:
-        return sorted(client.read_flow_runs(flow_run_filter=children), key=lambda run: run.expected_start_time)
+    return month_runs(backfill_state.state_details.flow_run_id)
 
 
 @pytest.fixture(scope="module")
@@ -151,24 +145,15 @@ def test_backfill_months_run_on_the_pool_workers_and_reruns_replace(two_workers,
     assert len(again) == results[1]["rows"] and not again["ride_id"].isin(feb_before["ride_id"]).any()
 
 
-def _worker_that_logged(stack, text: str, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for worker in workers.workers(stack):
-            if text in worker.log_path.read_text(errors="replace"):
-                return worker
-        time.sleep(0.05)
-    raise AssertionError(f"no worker logged {text!r} within {timeout:.0f} s")
-
-
 def test_worker_killed_mid_month_the_other_worker_scores_it_once(two_workers, batch_stack, batch_model, tmp_path):
     """SIGKILL a worker and its month's process (a machine dies) after the month's first
     batch: the server hears no heartbeat for 45 s and schedules the run again; the other
     worker scores it; one object at the final key; the backfill reports the month once."""
     from ride_duration.batch.flows import ride_duration_prediction_backfill
+    from ride_duration.batch.pool import run_history
 
-    # Big enough to be caught in the middle: 4 batches of 250,000 rides. May: no other test uses it.
-    big = write_synthetic_month(tmp_path / "green_tripdata_2021-05.parquet", 2021, 5, n_rows=1_000_000)
+    # Big enough to be caught in the middle: 3 batches of up to 250,000 rides. May: no other test uses it.
+    big = write_synthetic_month(tmp_path / "green_tripdata_2021-05.parquet", 2021, 5, n_rows=700_000)
     s3 = s3_client(get_settings())
     s3.upload_file(str(big), INPUT_BUCKET, "trip-data/green_tripdata_2021-05.parquet")
     bucket, prefix = get_settings().predictions_bucket, "taxi_type=green/year=2021/month=05/"
@@ -187,7 +172,7 @@ def test_worker_killed_mid_month_the_other_worker_scores_it_once(two_workers, ba
     thread = threading.Thread(target=backfill)
     thread.start()
     try:
-        victim = _worker_that_logged(batch_stack, "green 2021-05: scored ", timeout=120)  # its first batch
+        victim = workers.wait_for_line(batch_stack, "green 2021-05: scored ", timeout=120)  # its first batch
         killed = workers.kill(batch_stack, victim.index)
         assert len(killed) >= 2  # the worker and the month's process
         assert list_keys(bucket, prefix) == []  # the killed attempt published nothing
@@ -205,8 +190,7 @@ def test_worker_killed_mid_month_the_other_worker_scores_it_once(two_workers, ba
 
     (run,) = _month_runs(state)
     assert run.run_count == 2 and run.state.is_completed()
-    with _client() as client:
-        history = [(s.name, s.message or "") for s in client.read_flow_run_states(run.id)]
+    history = run_history(run.id)
     assert any(name == "AwaitingRetry" and "no heartbeat for 45 s" in message for name, message in history)
     (survivor,) = [w.name for w in workers.workers(batch_stack)]
     assert workers.runs_taken(batch_stack)[str(run.id)] == [victim.name, survivor]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`make test`: pytest (unit + integration), then nbval over every notebook.
+"""`make test`: pytest (unit + integration), then nbval over every notebook, then the UI check.
 
 Two pytest processes, not one: the tests point their own process at servers on
 free ports (and leave that environment set until the session ends), while the
@@ -7,6 +7,10 @@ notebooks must see the learner's environment and use the default local stack
 (4566/4572/5000/4200) like a learner would. If that stack was not running
 before, it is stopped again afterwards, so `make test` leaves the machine as it
 found it.
+
+The UI check (scripts/screenshots.py --check) runs right after nbval, while the stack
+the notebooks used still runs with their model, deployment and flow run: each MLflow and
+Prefect page must render in headless Chromium and name what it shows.
 """
 
 import os
@@ -28,7 +32,9 @@ def main() -> int:
     try:
         tests = subprocess.call([*pytest, "tests", *extra], cwd=ROOT, env=dict(os.environ))
         notebooks = subprocess.call([*pytest, "notebooks", *nbval, *extra], cwd=ROOT, env=dict(os.environ))
-        return tests or notebooks
+        print("==> the MLflow and Prefect UIs render (scripts/screenshots.py --check)", flush=True)
+        uis = subprocess.call([sys.executable, "scripts/screenshots.py", "--check"], cwd=ROOT, env=dict(os.environ))
+        return tests or notebooks or uis
     finally:
         if not was_up:
             stack.down()

@@ -8,7 +8,8 @@ import pytest
 
 from ride_duration.predict import make_prediction
 from ride_duration.web import create_app
-from ride_duration.web.app import APP_NAME, MAX_CONTENT_LENGTH, MAX_RIDES
+from ride_duration.web.app import APP_NAME
+from ride_duration.web.payload import MAX_CONTENT_LENGTH, MAX_RIDES
 
 RIDE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 

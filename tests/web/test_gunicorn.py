@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from ride_duration.predict import make_prediction
-from ride_duration.web.app import MAX_CONTENT_LENGTH
+from ride_duration.web.payload import MAX_CONTENT_LENGTH
 from ride_duration.web.worker import BODY_TIMEOUT
 from workbench.gunicorn import GunicornServer
 from workbench.stack import free_port

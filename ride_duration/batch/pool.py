@@ -58,33 +58,13 @@ def require_workers(pool: str = WORK_POOL) -> list[str]:
     return names
 
 
-def submit_run(
-    scheduled_time: datetime,
-    parameters: dict | None = None,
-    *,
-    as_subflow: bool = False,
-    wait_for_deployment: float = 0,
-) -> FlowRun:
+def submit_run(scheduled_time: datetime, parameters: dict | None = None, *, as_subflow: bool = False) -> FlowRun:
     """A run of the deployment scheduled at `scheduled_time` (in the past: due now), not waited for.
-
-    `as_subflow`: linked to the calling flow run (the backfill's months in the UI).
-    `wait_for_deployment`: seconds to retry while the deployment does not exist yet."""
-    deadline = time.monotonic() + wait_for_deployment
-    while True:
-        try:
-            # _sync: in Jupyter's event loop Prefect would return the coroutine of the async variant.
-            return run_deployment(
-                FULL_NAME,
-                parameters=parameters,
-                scheduled_time=scheduled_time,
-                timeout=0,
-                as_subflow=as_subflow,
-                _sync=True,
-            )
-        except ObjectNotFound:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+    `as_subflow`: linked to the calling flow run (the backfill's months are its children in the UI)."""
+    # _sync: in Jupyter's event loop Prefect would return the coroutine of the async variant.
+    return run_deployment(
+        FULL_NAME, parameters=parameters, scheduled_time=scheduled_time, timeout=0, as_subflow=as_subflow, _sync=True
+    )
 
 
 def submit_month(taxi_type: str, model_uri: str, year: int, month: int, *, as_subflow: bool = False) -> FlowRun:
@@ -109,10 +89,6 @@ def wait_for_runs(ids: list[UUID], timeout: float | None = None, poll: float = 0
                 pending = [f"{r.name} ({r.state.name})" for r in runs.values() if not r.state.is_final()]
                 raise TimeoutError(f"after {timeout:.0f} s, still not finished: {', '.join(pending)}; are workers up?")
             time.sleep(poll)
-
-
-def wait_for_run(flow_run_id: UUID, timeout: float | None = 120) -> FlowRun:
-    return wait_for_runs([flow_run_id], timeout)[0]
 
 
 def month_runs(backfill_run_id: UUID) -> list[FlowRun]:

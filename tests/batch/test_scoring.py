@@ -396,7 +396,7 @@ def test_missing_artifacts_say_so_and_where(batch_stack, trained_model, monkeypa
     from ride_duration.train import log_to_mlflow
 
     monkeypatch.setenv("MODEL_NAME", "ArtifactsGoneModel")  # leave the session's production model alone
-    logged = log_to_mlflow(trained_model["result"], register=True)
+    logged = log_to_mlflow(trained_model["result"], register=True, settings=get_settings())
     bucket, prefix = split_s3_uri(logged.s3_uri)
     for key in list_keys(bucket, prefix):
         s3_client(get_settings()).delete_object(Bucket=bucket, Key=key)

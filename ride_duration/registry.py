@@ -259,8 +259,15 @@ def _no_objects(uri: str) -> bool:
     from botocore.exceptions import BotoCoreError, ClientError
     from mlflow.exceptions import MlflowException
 
+    def has_files(location: str, depth: int) -> bool:
+        # An object store may keep an empty "folder" (serving/) after its objects are deleted.
+        for entry in mlflow.artifacts.list_artifacts(artifact_uri=location) or []:
+            if not entry.is_dir or (depth and has_files(f"{uri.rstrip('/')}/{entry.path}", depth - 1)):
+                return True
+        return False
+
     try:
-        return not mlflow.artifacts.list_artifacts(artifact_uri=uri)
+        return not has_files(uri, 1)
     except (MlflowException, BotoCoreError, ClientError, OSError):
         return False
 

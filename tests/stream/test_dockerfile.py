@@ -61,7 +61,7 @@ def test_base_image_cmd_and_install_steps():
     # pipenv pinned to the version that verified the lock here (same as the web image)
     assert any(f"pip install --no-cache-dir pipenv=={version('pipenv')}" in r for r in runs)
     assert any('pipenv install --system --deploy --categories "packages stream"' in r for r in runs)
-    assert any("pip install" in r and "--no-deps /tmp/build" in r for r in runs)
+    assert any("pip install" in r and "--no-deps /build" in r for r in runs)
     assert (["docker/streaming/lambda_function.py"], "${LAMBDA_TASK_ROOT}/") in copies(DOCKERFILE)
 
 
@@ -130,13 +130,13 @@ def test_lock_pins_what_the_tests_ran_with(locked_requirements):
 
 
 def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path, see_these_packages):
-    # The build context the Dockerfile assembles in /tmp/build, from its own COPY lines.
+    # The build context the Dockerfile assembles in /build, from its own COPY lines.
     build = tmp_path / "build"
     build.mkdir()
     for sources, dest in copies(DOCKERFILE):
-        if not dest.startswith("/tmp/build"):
+        if not dest.startswith("/build"):
             continue
-        target = build / dest.removeprefix("/tmp/build").strip("/")
+        target = build / dest.removeprefix("/build").strip("/")
         for source in sources:
             src = REPO / source
             if src.is_dir():  # COPY dir dest: the folder's contents go to dest
@@ -232,7 +232,8 @@ def image_venv(tmp_path_factory):
                 step = step.strip()
                 if not step.startswith(("pip ", "pipenv ")):
                     continue  # rm: image housekeeping
-                step = re.sub(r"(/tmp/\S+)", lambda m: str(root / m.group(1).lstrip("/")), step)
+                # Absolute paths in the image (/build) are under `root` here.
+                step = re.sub(r"(?<=\s)(/\S+)", lambda m: str(root / m.group(1).lstrip("/")), step)
                 done = subprocess.run(
                     shlex.split(step), cwd=task_root, env=env, capture_output=True, text=True, timeout=900, check=False
                 )

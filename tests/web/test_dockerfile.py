@@ -97,7 +97,7 @@ def test_installs_the_lock_the_course_way():
     runs = " && ".join(args_of("RUN"))
     assert re.search(r"pip install pipenv==[\d.]+", runs)
     assert 'pipenv install --system --deploy --categories "packages web"' in runs and "--dev" not in runs
-    assert "pip install --no-deps /tmp/build" in runs
+    assert "pip install --no-deps /build" in runs
     lock = json.loads((REPO / "Pipfile.lock").read_text())
     for needed in ("scikit-learn", "skops", "mlflow-skinny", "boto3"):
         assert needed in lock["default"], f"{needed} must be in the lock's [packages] to be in the image"
@@ -161,7 +161,8 @@ def image_venv(tmp_path_factory):
                 step = step.strip()
                 if not step.startswith(("pip ", "pipenv ")):
                     continue  # rm, useradd: image housekeeping, not run on this machine
-                step = re.sub(r"(/tmp/\S+)", lambda m: str(root / m.group(1).lstrip("/")), step)
+                # Absolute paths in the image (/build) are under `root` here.
+                step = re.sub(r"(?<=\s)(/\S+)", lambda m: str(root / m.group(1).lstrip("/")), step)
                 done = subprocess.run(
                     shlex.split(step), cwd=workdir, env=env, capture_output=True, text=True, check=False
                 )

@@ -25,7 +25,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from ..config import Settings, get_settings
 from ..registry import ModelRef, resolve_model
 from .paths import BatchPaths, get_paths, months_between, run_date_for
-from .pool import FLOW_NAME, require_workers, submit_month, wait_for_runs
+from .pool import FLOW_NAME, backfill_tag, require_workers, submit_month, wait_for_runs
 from .scoring import load_model_ref, score_month
 
 BACKFILL_FLOW_NAME = "ride-duration-prediction-backfill"
@@ -91,8 +91,8 @@ def ride_duration_prediction_backfill(
     `workers=True`: one run of the `monthly` deployment per month, scheduled at the time
     the cron would have run it, executed by the work pool's workers (as many at once as
     there are workers), waited for (`timeout` s at most, None: no limit); the months' runs
-    are this run's children in the UI. `workers=False`: each month is a subflow here, one
-    after the other, the forest on every core.
+    carry the tag `backfill:<this run's id>` (`pool.month_runs`; a filter in the UI).
+    `workers=False`: each month is a subflow here, one after the other, the forest on every core.
     """
     logger = get_run_logger()
     months = months_between(start_date, end_date)
@@ -102,8 +102,17 @@ def ride_duration_prediction_backfill(
     logger.info("backfill %s: %d month(s) with model %s (run %s)", taxi_type, len(months), model.uri, model.run_id)
     if workers:
         logger.info("work pool workers online: %s", ", ".join(require_workers()))
-        runs = [submit_month(taxi_type, model.uri, y, m, as_subflow=True) for y, m in months]
-        states = [run.state for run in wait_for_runs([run.id for run in runs], timeout)]
+        tags = [backfill_tag(flow_run.id)]  # its months, found with `pool.month_runs` and in the UI
+        runs = [submit_month(taxi_type, model.uri, y, m, tags=tags) for y, m in months]
+        # Each month's summary is read from S3 as soon as its run ends, while the others still run.
+        summaries = {}
+
+        def read_summary(run) -> None:
+            if run.state.is_completed():
+                summaries[run.id] = run.state.result(_sync=True)  # _sync: called from Jupyter too (see deploy)
+
+        finished = wait_for_runs([run.id for run in runs], timeout, on_final=read_summary)
+        outcomes = [(run.state, summaries.get(run.id)) for run in finished]
     else:
         load_model_ref(model, settings)  # once, before the first month
         # Subflows here live in this run's process, whose own heartbeat is the one that
@@ -112,10 +121,11 @@ def ride_duration_prediction_backfill(
             states = [
                 ride_duration_prediction(taxi_type, model.uri, run_date_for(y, m), return_state=True) for y, m in months
             ]
+        outcomes = [(state, state.result(_sync=True) if state.is_completed() else None) for state in states]
     results, failures = [], []
-    for (y, m), state in zip(months, states):
+    for (y, m), (state, summary) in zip(months, outcomes):
         if state.is_completed():
-            results.append(state.result(_sync=True))  # _sync: called from Jupyter too (see deploy)
+            results.append(summary)
         else:
             failures.append(f"{y:04d}-{m:02d}: {state.message}")
     if failures:

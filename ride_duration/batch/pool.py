@@ -11,6 +11,7 @@ February); a month taken late, or taken again after its worker died, scores the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -18,7 +19,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
-    FlowRunFilterParentFlowRunId,
+    FlowRunFilterTags,
     WorkerFilter,
     WorkerFilterStatus,
 )
@@ -58,32 +59,59 @@ def require_workers(pool: str = WORK_POOL) -> list[str]:
     return names
 
 
-def submit_run(scheduled_time: datetime, parameters: dict | None = None, *, as_subflow: bool = False) -> FlowRun:
+def backfill_tag(backfill_run_id: UUID | str) -> str:
+    """The tag every month run of one backfill carries (the UI's filter for its months)."""
+    return f"backfill:{backfill_run_id}"
+
+
+def submit_run(scheduled_time: datetime, parameters: dict | None = None, *, tags: list[str] | None = None) -> FlowRun:
     """A run of the deployment scheduled at `scheduled_time` (in the past: due now), not waited for.
-    `as_subflow`: linked to the calling flow run (the backfill's months are its children in the UI)."""
+
+    Not `as_subflow`: that also records the run as a task of the calling flow, a write the local
+    server's SQLite refuses at once while the workers write ("database is locked", retried after
+    2, 4, 8 s: backfills stalled up to 14 s). A backfill tags its months instead (`backfill_tag`)."""
     # _sync: in Jupyter's event loop Prefect would return the coroutine of the async variant.
     return run_deployment(
-        FULL_NAME, parameters=parameters, scheduled_time=scheduled_time, timeout=0, as_subflow=as_subflow, _sync=True
+        FULL_NAME,
+        parameters=parameters,
+        scheduled_time=scheduled_time,
+        timeout=0,
+        tags=tags,
+        as_subflow=False,
+        _sync=True,
     )
 
 
-def submit_month(taxi_type: str, model_uri: str, year: int, month: int, *, as_subflow: bool = False) -> FlowRun:
+def submit_month(taxi_type: str, model_uri: str, year: int, month: int, *, tags: list[str] | None = None) -> FlowRun:
     """A run scoring (year, month), scheduled when the cron would have run it."""
     scheduled = run_date_for(year, month).replace(tzinfo=UTC)
-    return submit_run(scheduled, {"taxi_type": taxi_type, "run_id": model_uri}, as_subflow=as_subflow)
+    return submit_run(scheduled, {"taxi_type": taxi_type, "run_id": model_uri}, tags=tags)
 
 
-def wait_for_runs(ids: list[UUID], timeout: float | None = None, poll: float = 0.5) -> list[FlowRun]:
+def wait_for_runs(
+    ids: list[UUID],
+    timeout: float | None = None,
+    poll: float = 1.0,
+    on_final: Callable[[FlowRun], None] | None = None,
+) -> list[FlowRun]:
     """Poll the server until every run is in a final state; the runs in the order of `ids`.
+    `on_final(run)` is called once per run as soon as it is seen final (reading a month's
+    result while the other months still run).
 
     A run whose worker died is rescheduled by the server (see `deploy`) and taken by another
     worker: it is still the same run, waited for here once."""
     deadline = None if timeout is None else time.monotonic() + timeout
     wanted = FlowRunFilter(id=FlowRunFilterId(any_=list(ids)))
+    seen: set[UUID] = set()
     with get_client(sync_client=True) as client:
         while True:
             runs = {run.id: run for run in client.read_flow_runs(flow_run_filter=wanted)}
-            if len(runs) == len(ids) and all(run.state.is_final() for run in runs.values()):
+            for run in runs.values():
+                if run.state.is_final() and run.id not in seen:
+                    seen.add(run.id)
+                    if on_final is not None:
+                        on_final(run)
+            if len(seen) == len(ids):
                 return [runs[i] for i in ids]
             if deadline is not None and time.monotonic() > deadline:
                 pending = [f"{r.name} ({r.state.name})" for r in runs.values() if not r.state.is_final()]
@@ -92,10 +120,10 @@ def wait_for_runs(ids: list[UUID], timeout: float | None = None, poll: float = 0
 
 
 def month_runs(backfill_run_id: UUID) -> list[FlowRun]:
-    """The runs a backfill submitted (its children), in the order of the months they score."""
-    children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[backfill_run_id]))
+    """The runs a backfill submitted (tagged with `backfill_tag`), in the order of the months they score."""
+    tagged = FlowRunFilter(tags=FlowRunFilterTags(all_=[backfill_tag(backfill_run_id)]))
     with get_client(sync_client=True) as client:
-        return sorted(client.read_flow_runs(flow_run_filter=children), key=lambda run: run.expected_start_time)
+        return sorted(client.read_flow_runs(flow_run_filter=tagged), key=lambda run: run.expected_start_time)
 
 
 def run_history(flow_run_id: UUID) -> list[tuple[str, str]]:

@@ -89,8 +89,8 @@ backfill: venv ## score 2021-01..02 on the work pool's workers (make workers fir
 	$(PY) scripts/score_backfill.py --taxi-type $(TAXI) --start 2021-01 --end 2021-02 $(if $(LOCAL),--local)
 deploy: venv ## create the work pool and the `monthly` deployment on it (workers run its months)
 	$(PY) -m workbench.stack run -- $(PY) -m ride_duration.batch deploy
-workers: venv ## start N local Prefect workers on the pool (N=2 by default); services-down stops them
-	$(PY) -m workbench.workers start $(or $(N),2)
+workers: venv ## start N local workers on the pool (N=2; KIND=process: Prefect's own); services-down stops them
+	$(PY) -m workbench.workers start $(or $(N),2) --kind $(or $(KIND),warm)
 bench-batch: venv ## a 12-month backfill: directly vs through the pool (1 worker, 2 pinned, 1 pinned)
 	$(PY) -m benchmarks.batch
 bench-images: venv ## each image's installed size, replayed from its Pipfile.lock categories

@@ -1,27 +1,32 @@
 """Local Prefect workers for the batch work pool: each one is what a machine would run.
 
     python -m workbench.workers start 2      # make workers N=2
+    python -m workbench.workers start 2 --kind process
     python -m workbench.workers status
     python -m workbench.workers stop         # make services-down runs it first
 
-A worker (`prefect worker start --pool ride-duration --type process --limit 1`) polls the
-pool on the stack's Prefect server and runs each month it takes in a new process, one month
-at a time. On other machines the same command runs with PREFECT_API_URL and the S3/MLflow
-endpoints set; here the workers run in the background, in sessions of their own, with pid
-files in `.local/run/worker-<n>.json` and logs in `.local/logs/worker-<n>.log`, where the
-lines "Worker 'local-worker-1' submitting flow run '<id>'" say which worker took which month.
-`kill(n)` ends a worker and its month's process at once with SIGKILL, as when a machine dies.
+Two kinds serve the same process pool, one month at a time each:
+- `warm` (default): `python -m ride_duration.batch worker`, which runs each month it takes
+  inside its own long-lived process, Prefect and the model kept loaded (`ride_duration.batch.worker`);
+- `process`: Prefect's own `prefect worker start --type process`, a new process per month.
+On other machines the same commands run with PREFECT_API_URL and the S3/MLflow endpoints
+set; here the workers run in the background, in sessions of their own, with pid files in
+`.local/run/worker-<n>.json` and logs in `.local/logs/worker-<n>.log`, where the lines
+"Worker 'local-worker-1' submitting flow run '<id>'" say which worker took which month.
+`kill(n)` ends a worker and its month at once with SIGKILL, as when a machine dies.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -58,6 +63,7 @@ class Worker:
     pool: str
     log_path: Path
     cpu: int | None = None
+    kind: str = "process"  # pid files written before there were two kinds
 
     @property
     def alive(self) -> bool:
@@ -112,6 +118,7 @@ def start(
     stack: LocalStack,
     pool: str | None = None,
     pin: bool = False,
+    kind: str = "warm",
     env: dict | None = None,
     timeout: float = 90,
 ) -> list[Worker]:
@@ -134,15 +141,20 @@ def start(
         if index in running:
             continue
         name = f"local-worker-{index}"
-        cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
-        cmd += ["--limit", "1", "--name", name]
+        if kind == "warm":
+            cmd = [sys.executable, "-m", "ride_duration.batch", "worker", "--pool", pool, "--name", name]
+        elif kind == "process":
+            cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
+            cmd += ["--limit", "1", "--name", name]
+        else:
+            raise ValueError(f"unknown worker kind {kind!r}: 'warm' or 'process'")
         log_path = _log(stack, index)
         proc = spawn(cmd, log_path, env=child_env, cwd=repo_root() or stack.local_dir.parent)
         cpu = cores[(index - 1) % len(cores)] if pin else None
         if cpu is not None:
             # Before the worker starts any month: the processes it starts inherit the affinity.
             os.sched_setaffinity(proc.pid, {cpu})
-        worker = Worker(index, name, proc.pid, pool, log_path, cpu)
+        worker = Worker(index, name, proc.pid, pool, log_path, cpu, kind)
         stack.run_dir.mkdir(parents=True, exist_ok=True)
         _pidfile(stack, index).write_text(json.dumps({**worker.__dict__, "log_path": str(log_path)}))
         started.append((worker, proc, time.time()))
@@ -208,6 +220,21 @@ def kill(stack: LocalStack, index: int) -> list[int]:
     _wait_gone(tree, 10)
     _pidfile(stack, index).unlink(missing_ok=True)
     return tree
+
+
+@contextlib.contextmanager
+def paused(stack: LocalStack, index: int) -> Iterator[Worker]:
+    """Worker `index` frozen (SIGSTOP, its whole tree) inside the block, as a machine that
+    hangs: it takes no run; it goes on where it was when the block ends."""
+    worker = next((w for w in workers(stack) if w.index == index), None)
+    if worker is None:
+        raise ProcessFailed(f"worker {index} is not running")
+    tree = descendants(worker.pid)
+    _signal(tree, signal.SIGSTOP)
+    try:
+        yield worker
+    finally:
+        _signal(tree, signal.SIGCONT)
 
 
 def _wait_gone(pids: list[int], timeout: float) -> bool:
@@ -288,19 +315,28 @@ def main(argv=None) -> int:
     start_cmd = sub.add_parser("start", help="make N workers run on the stack's Prefect server")
     start_cmd.add_argument("count", type=int, nargs="?", default=2)
     start_cmd.add_argument("--pin", action="store_true", help="worker n on one core only")
+    start_cmd.add_argument(
+        "--kind",
+        choices=["warm", "process"],
+        default="warm",
+        help="warm: months in the worker's own process (default); process: Prefect's, a new process per month",
+    )
     start_cmd.add_argument("--pool", help="work pool (default: the batch deployment's)")
     sub.add_parser("stop", help="stop every worker of this stack")
     sub.add_parser("status", help="list the workers")
-    kill_cmd = sub.add_parser("kill", help="SIGKILL worker N and its month's process (a machine dies)")
+    kill_cmd = sub.add_parser("kill", help="SIGKILL worker N and its month (a machine dies)")
     kill_cmd.add_argument("index", type=int)
     args = parser.parse_args(argv)
     activate_if_running(announce=False)  # the stack's endpoints, unless the environment names others
     stack = LocalStack.from_settings(quiet=True)
     try:
         if args.command == "start":
-            for worker in start(args.count, stack=stack, pool=args.pool, pin=args.pin):
+            for worker in start(args.count, stack=stack, pool=args.pool, pin=args.pin, kind=args.kind):
                 pinned = f", core {worker.cpu}" if worker.cpu is not None else ""
-                print(f"{worker.name} (pid {worker.pid}{pinned}) polls pool {worker.pool}; log {worker.log_path}")
+                print(
+                    f"{worker.name} ({worker.kind}, pid {worker.pid}{pinned}) polls pool {worker.pool}; "
+                    f"log {worker.log_path}"
+                )
         elif args.command == "stop":
             for name in stop(stack):
                 print(f"{name} stopped")
@@ -308,7 +344,7 @@ def main(argv=None) -> int:
             print(f"killed {', '.join(map(str, kill(stack, args.index)))}")
         else:
             for worker in workers(stack):
-                print(f"{worker.name} pid {worker.pid} pool {worker.pool} log {worker.log_path}")
+                print(f"{worker.name} ({worker.kind}) pid {worker.pid} pool {worker.pool} log {worker.log_path}")
     except (ProcessFailed, requests.RequestException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

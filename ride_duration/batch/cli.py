@@ -182,6 +182,26 @@ def report_main(argv=None) -> int:
     return _run(body)
 
 
+def worker_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ride_duration.batch worker",
+        description="Take months from the work pool and score them in this process, one at a time, "
+        "the model and imports kept loaded between months (Prefect's own `prefect worker start` works too).",
+    )
+    parser.add_argument("--pool", default="ride-duration", help="the work pool (default: %(default)s)")
+    parser.add_argument("--name", help="the worker's name in the UI (default: a random one)")
+    args = parser.parse_args(argv)
+    get_settings()  # loads `.env` (PREFECT_API_URL and the endpoints) as every entry point does
+
+    def body():
+        _prefect_ready()
+        from .worker import serve
+
+        serve(args.pool, args.name)
+
+    return _run(body)
+
+
 # ----------------------------------------------------------------------------- deploy
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ride_duration.batch", description=__doc__.splitlines()[0])
@@ -197,7 +217,7 @@ def main(argv=None) -> int:
             help="alias, run id or model URI every run uses (default: each run finds its "
             "model as the services do, in its worker's environment)",
         )
-    delegated = {"score": score_main, "backfill": backfill_main, "report": report_main}
+    delegated = {"score": score_main, "backfill": backfill_main, "report": report_main, "worker": worker_main}
     for name in delegated:
         sub.add_parser(name, help=f"see `{name} --help`", add_help=False)
     args, rest = parser.parse_known_args(argv)

@@ -1,9 +1,11 @@
-"""The `monthly` deployment on a process work pool, run by two real workers (`prefect worker
-start` processes, workbench.workers) against the test stack's Prefect server: months spread
-over the workers, re-runs replace, a failed month is named, a worker killed mid-month."""
+"""The `monthly` deployment on a process work pool, run by two real workers of both kinds
+(workbench.workers: a warm `python -m ride_duration.batch worker` and Prefect's `prefect worker
+start`) against the test stack's Prefect server: months spread over the workers, re-runs
+replace, a failed month is named, a worker killed mid-month."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -37,13 +39,18 @@ def _month_runs(backfill_state) -> list:
 
 @pytest.fixture(scope="module")
 def two_workers(batch_stack, batch_model, s3_input):
-    """The deployment, and two workers started after BATCH_INPUT_PREFIX is set (they inherit it)."""
+    """The deployment, and two workers started after BATCH_INPUT_PREFIX is set (they inherit it):
+    worker 1 warm (months in its own process), worker 2 Prefect's process worker."""
     from ride_duration.batch.deploy import create_deployment
 
     create_deployment(get_settings())
-    started = workers.start(2, stack=batch_stack)
-    yield started
-    workers.stop(batch_stack)
+    try:
+        workers.start(1, stack=batch_stack, kind="warm")
+        started = workers.start(2, stack=batch_stack, kind="process")  # all workers up to 2: worker 2 is new
+        assert [w.kind for w in started] == ["warm", "process"]
+        yield started
+    finally:  # also when starting failed: no worker outlives the test stack
+        workers.stop(batch_stack)
 
 
 def test_deploy_puts_the_monthly_deployment_on_a_process_pool(batch_stack, batch_model, capsys):
@@ -124,6 +131,11 @@ def test_backfill_months_run_on_the_pool_workers_and_reruns_replace(two_workers,
     assert all("run_date" not in run.parameters and run.run_count == 1 for run in runs)
     taken = workers.runs_taken(batch_stack)
     assert sorted(name for run in runs for name in taken[str(run.id)]) == ["local-worker-1", "local-worker-2"]
+    # The warm worker ran its month in its own process; Prefect's worker started a new one.
+    warm, stock = two_workers
+    by_worker = {taken[str(run.id)][0]: run for run in runs}
+    assert by_worker[warm.name].infrastructure_pid == str(warm.pid)
+    assert by_worker[stock.name].infrastructure_pid not in (None, str(stock.pid))
 
     # Again for February, with March missing: February's object is replaced (same key, new
     # ride ids), March is named as failed and writes nothing.
@@ -146,12 +158,14 @@ def test_backfill_months_run_on_the_pool_workers_and_reruns_replace(two_workers,
 
 
 def test_worker_killed_mid_month_the_other_worker_scores_it_once(two_workers, batch_stack, batch_model, tmp_path):
-    """SIGKILL a worker and its month's process (a machine dies) after the month's first
-    batch: the server hears no heartbeat for 45 s and schedules the run again; the other
-    worker scores it; one object at the final key; the backfill reports the month once."""
+    """SIGKILL the warm worker (a machine dies) after the month's first batch: the server hears
+    no heartbeat from it for 45 s and schedules the run again; the other worker (Prefect's,
+    frozen until then so that the warm one takes the month) scores it; one object at the final
+    key; the backfill reports the month once."""
     from ride_duration.batch.flows import ride_duration_prediction_backfill
     from ride_duration.batch.pool import run_history
 
+    warm, stock = two_workers
     # Big enough to be caught in the middle: 3 batches of up to 250,000 rides. May: no other test uses it.
     big = write_synthetic_month(tmp_path / "green_tripdata_2021-05.parquet", 2021, 5, n_rows=700_000)
     s3 = s3_client(get_settings())
@@ -169,13 +183,15 @@ def test_worker_killed_mid_month_the_other_worker_scores_it_once(two_workers, ba
             return_state=True,
         )
 
-    thread = threading.Thread(target=backfill)
-    thread.start()
+    # In this test's context: it holds Prefect's settings for the test server (conftest.py).
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(backfill,))
     try:
-        victim = workers.wait_for_line(batch_stack, "green 2021-05: scored ", timeout=120)  # its first batch
-        killed = workers.kill(batch_stack, victim.index)
-        assert len(killed) >= 2  # the worker and the month's process
-        assert list_keys(bucket, prefix) == []  # the killed attempt published nothing
+        with workers.paused(batch_stack, stock.index):
+            thread.start()
+            victim = workers.wait_for_line(batch_stack, "green 2021-05: scored ", timeout=120)  # its first batch
+            assert victim.name == warm.name
+            assert workers.kill(batch_stack, victim.index) == [warm.pid]  # the month ran inside it
+            assert list_keys(bucket, prefix) == []  # the killed attempt published nothing
         thread.join(timeout=300)
         assert not thread.is_alive(), "the backfill did not finish"
     finally:
@@ -192,5 +208,5 @@ def test_worker_killed_mid_month_the_other_worker_scores_it_once(two_workers, ba
     assert run.run_count == 2 and run.state.is_completed()
     history = run_history(run.id)
     assert any(name == "AwaitingRetry" and "no heartbeat for 45 s" in message for name, message in history)
-    (survivor,) = [w.name for w in workers.workers(batch_stack)]
-    assert workers.runs_taken(batch_stack)[str(run.id)] == [victim.name, survivor]
+    assert [w.name for w in workers.workers(batch_stack)] == [stock.name]
+    assert workers.runs_taken(batch_stack)[str(run.id)] == [warm.name, stock.name]

@@ -1,0 +1,191 @@
+"""A process-pool worker that runs each month inside its own, long-lived process.
+
+Prefect's process worker starts a new Python process for every flow run: before a month
+reads its first ride, that process imports Prefect and the flow's modules and loads the
+model again, seconds of work for a second of scoring. This worker is the same Prefect
+worker (`ProcessWorker`: it polls the same `process` work pool, takes runs through the
+server, reports their states and heartbeats), except that it executes the run it takes
+in a thread of its own process with Prefect's flow engine, the way `python -m
+prefect.engine` would in a new one. Imports and the model (cached per process by
+`scoring.load_cached_model`) stay loaded from one month to the next, and it asks for the
+next run as soon as one ends instead of at its next poll.
+
+What stays as with Prefect's process worker:
+- any mix of these and stock workers (`prefect worker start --pool ride-duration`) can
+  serve the pool;
+- one run at a time per worker (as `--limit 1`), with the job's environment (the deployment's
+  job variables) applied for the run: its PREFECT_ settings as Prefect settings, the rest as
+  the process's environment variables;
+- a worker killed mid-month takes its month down with it; the run stops sending
+  heartbeats and the server's automation schedules it again (`deploy`).
+
+What differs: a run cannot be cancelled from the UI while it scores (there is no process
+of its own to stop; it ends at the month's end); a flow that leaks memory or state does so
+in the worker (the flows here keep only the model cache); and the worker itself sends the
+heartbeats of the run it executes (the engine's heartbeat thread makes every run wait up to
+a second at its end). SIGTERM or Ctrl-C stop it taking runs and let the current month finish.
+
+    python -m ride_duration.batch worker --pool ride-duration --name machine-1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+
+# What a month may need beyond the flow's modules, imported when the worker starts rather than
+# by its first month: MLflow to find a model, scikit-learn and skops to load one, s3fs to
+# read and write S3 (seconds on first use, each).
+import mlflow  # noqa: F401
+import prefect.context
+import prefect.settings
+import s3fs  # noqa: F401
+import sklearn.ensemble  # noqa: F401
+import skops.io  # noqa: F401
+from prefect.events import emit_event
+from prefect.flow_engine import MINIMUM_HEARTBEAT_INTERVAL, load_flow, load_flow_run, run_flow
+from prefect.logging.loggers import flow_run_logger
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Settings, get_current_settings
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
+
+from . import flows  # noqa: F401  (imported now: the first month should not pay for it)
+from .pool import WORK_POOL
+
+
+@functools.lru_cache(maxsize=8)
+def _settings_with(updates: tuple[tuple[str, str | None], ...]) -> Settings:
+    """The worker's Prefect settings with a job's updates; built once per distinct job
+    environment (a rebuild validates every setting again, ~0.15 s)."""
+    return get_current_settings().copy_with_update(updates={getattr(prefect.settings, k): v for k, v in updates})
+
+
+@contextlib.contextmanager
+def job_environment(env: dict[str, str | None]) -> Iterator[None]:
+    """The run's environment in this thread: PREFECT_ variables Prefect knows become settings
+    of this context (inherited by the threads the engine starts); others are set in the
+    process for the run's duration (one run at a time: `limit=1`). The engine's heartbeat
+    thread is off: the worker sends the run's heartbeats (`WarmProcessWorker._send_heartbeats`)."""
+    updates, variables = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": None}, {}
+    for name, value in env.items():
+        if value is None or name.startswith("PREFECT__"):  # PREFECT__: the process worker's own plumbing
+            continue
+        if name.startswith("PREFECT_") and hasattr(prefect.settings, name):
+            updates.setdefault(name, value)
+        else:
+            variables[name] = value
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        context = prefect.context.get_settings_context()
+        with prefect.context.SettingsContext(profile=context.profile, settings=_settings_with(tuple(updates.items()))):
+            yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def execute_flow_run(flow_run_id, env: dict[str, str | None]) -> str:
+    """Run one flow run to its final state here, as `python -m prefect.engine <id>` does
+    in a new process; the name of that state."""
+    with job_environment(env):
+        flow_run = load_flow_run(flow_run_id=flow_run_id)
+        run_logger = flow_run_logger(flow_run=flow_run)
+        flow = load_flow(flow_run)
+        state = run_flow(flow, flow_run=flow_run, error_logger=run_logger, return_type="state")
+    return state.name
+
+
+def heartbeat_seconds(env: dict[str, str | None]) -> int | None:
+    """The run's heartbeat period: its job's PREFECT_FLOWS_HEARTBEAT_FREQUENCY, else this process's."""
+    value = env.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value()
+    return max(int(value), MINIMUM_HEARTBEAT_INTERVAL) if value else None
+
+
+class WarmProcessWorker(ProcessWorker):
+    """Takes runs from a process work pool and runs them in this process (see the module)."""
+
+    type = "process"  # the pool's type: this worker serves process pools like the stock one
+
+    @classmethod
+    def __dispatch_key__(cls) -> str:
+        # Its own key in Prefect's registry of worker types: "process" stays Prefect's worker.
+        return "process-warm"
+
+    def __init__(self, work_pool_name: str = WORK_POOL, **kwargs: Any) -> None:
+        # One run at a time: a run's environment variables are set in the process (`job_environment`).
+        super().__init__(work_pool_name=work_pool_name, limit=1, **kwargs)
+
+    async def run(
+        self,
+        flow_run,
+        configuration: ProcessJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> ProcessWorkerResult:
+        if task_status is not None:
+            task_status.started(os.getpid())
+        env = dict(configuration.env)
+        status = 0
+        async with anyio.create_task_group() as beats:
+            if (period := heartbeat_seconds(env)) is not None:
+                beats.start_soon(self._send_heartbeats, flow_run, period)
+            try:
+                await anyio.to_thread.run_sync(execute_flow_run, flow_run.id, env)
+            except Exception:  # the engine itself failed (a flow's error is a Failed state, not this)
+                self._logger.exception("flow run %s could not be executed", flow_run.id)
+                status = 1
+            beats.cancel_scope.cancel()
+        # The slot is freed when this returns: ask for the next run then, not at the next poll.
+        self._runs_task_group.start_soon(self._poll_now)
+        return ProcessWorkerResult(status_code=status, identifier=str(os.getpid()))
+
+    async def _send_heartbeats(self, flow_run, period: int) -> None:
+        """The run's heartbeats, from this process, while the run is not final: the events the
+        flow engine would send from a thread of the run's own process. The engine's thread
+        is turned off because it makes every run wait up to a second for it at the end."""
+        resource = {"prefect.resource.id": f"prefect.flow-run.{flow_run.id}", "prefect.resource.name": flow_run.name}
+        related = [{"prefect.resource.id": f"prefect.flow.{flow_run.flow_id}", "prefect.resource.role": "flow"}]
+        if flow_run.deployment_id:
+            deployment = f"prefect.deployment.{flow_run.deployment_id}"
+            related.append({"prefect.resource.id": deployment, "prefect.resource.role": "deployment"})
+        while True:
+            # As the engine does: no heartbeat once the run is final (the server's view).
+            if (await self.client.read_flow_run(flow_run.id)).state.is_final():
+                return
+            emit_event(event="prefect.flow-run.heartbeat", resource=resource, related=related)
+            await anyio.sleep(period)
+
+    async def _poll_now(self) -> None:
+        await anyio.sleep(0)
+        await self.get_and_submit_flow_runs()
+
+
+def serve(pool: str = WORK_POOL, name: str | None = None) -> None:
+    """Run a warm worker until SIGINT or SIGTERM. Either stops it taking runs; the month it
+    is scoring finishes first (a stop from `kill -9` or a dead machine is the heartbeats' case)."""
+
+    async def main() -> None:
+        worker = WarmProcessWorker(work_pool_name=pool, name=name)
+        async with anyio.create_task_group() as group:
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        worker._logger.info(
+                            "%s: finishing the current month, taking no more", signal.Signals(signum).name
+                        )
+                        group.cancel_scope.cancel()
+
+            group.start_soon(stop_on_signal)
+            await worker.start()
+            group.cancel_scope.cancel()
+
+    anyio.run(main)

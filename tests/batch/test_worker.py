@@ -1,0 +1,100 @@
+"""The warm worker's pieces that need no server: how a job's environment becomes the run's
+settings and variables, its heartbeat period, and its place among Prefect's worker types.
+(It taking months, running them in its own process and dying mid-month: test_pool.py.)"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import threading
+
+import pytest
+
+# Prefect is imported by the tests, not at collection: it reads PREFECT_API_URL once, at import,
+# and the batch tests set it for their own server first (conftest.py).
+
+
+@pytest.fixture(scope="module")
+def worker():
+    from ride_duration.batch import worker
+
+    return worker
+
+
+@pytest.fixture(scope="module")
+def settings():
+    import prefect.settings
+
+    return prefect.settings
+
+
+@pytest.fixture(scope="module")
+def run_env():
+    from ride_duration.batch.deploy import RUN_ENV
+
+    return RUN_ENV
+
+
+def test_job_environment_applies_prefect_settings_in_context_and_variables_for_the_run(
+    monkeypatch, worker, settings, run_env
+):
+    monkeypatch.delenv("RIDE_TEST_VARIABLE", raising=False)
+    monkeypatch.setenv("RIDE_TEST_KEPT", "before")
+    before = settings.get_current_settings()
+    env = {**run_env, "RIDE_TEST_VARIABLE": "x", "RIDE_TEST_KEPT": "during", "PREFECT__FLOW_RUN_ID": "abc"}
+    seen = {}
+    with worker.job_environment(env):
+        seen["block"] = settings.PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK.value()
+        # The flow engine's heartbeat thread is off: the worker sends the heartbeats.
+        seen["heartbeat"] = settings.PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value()
+        seen["variables"] = (os.environ.get("RIDE_TEST_VARIABLE"), os.environ["RIDE_TEST_KEPT"])
+        seen["plumbing"] = os.environ.get("PREFECT__FLOW_RUN_ID")
+        # Threads the engine starts copy the context, and with it the run's settings.
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run,
+            args=(lambda: seen.update(thread=settings.PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK.value()),),
+        )
+        thread.start()
+        thread.join()
+    assert seen == {
+        "block": "remote-file-system/ride-duration-results",
+        "heartbeat": None,
+        "variables": ("x", "during"),
+        "plumbing": None,
+        "thread": "remote-file-system/ride-duration-results",
+    }
+    # Afterwards: the worker's own settings and environment again.
+    assert settings.get_current_settings() is before
+    assert "RIDE_TEST_VARIABLE" not in os.environ and os.environ["RIDE_TEST_KEPT"] == "before"
+
+
+def test_job_environment_is_restored_when_the_run_raises(monkeypatch, worker, settings, run_env):
+    monkeypatch.delenv("RIDE_TEST_VARIABLE", raising=False)
+    try:
+        with worker.job_environment({"RIDE_TEST_VARIABLE": "x", **run_env}):
+            raise KeyError("the run failed")
+    except KeyError:
+        pass
+    assert "RIDE_TEST_VARIABLE" not in os.environ
+    assert settings.PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK.value() != "remote-file-system/ride-duration-results"
+
+
+def test_heartbeat_period_comes_from_the_job_and_respects_prefects_minimum(worker, settings, run_env):
+    assert worker.heartbeat_seconds(run_env) == 30
+    assert worker.heartbeat_seconds({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "5"}) == 30  # Prefect's minimum
+    assert worker.heartbeat_seconds({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "90"}) == 90
+    assert (
+        worker.heartbeat_seconds({}) == settings.PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180
+    )  # Prefect's default
+
+
+def test_it_serves_process_pools_without_replacing_prefects_process_worker(worker):
+    from prefect.utilities.dispatch import lookup_type
+    from prefect.workers.base import BaseWorker
+    from prefect.workers.process import ProcessWorker
+
+    assert worker.WarmProcessWorker.type == "process"  # takes runs from the `ride-duration` process pool
+    assert lookup_type(BaseWorker, "process") is ProcessWorker
+    assert lookup_type(BaseWorker, "process-warm") is worker.WarmProcessWorker
+    assert worker.WarmProcessWorker()._limit == 1  # one month at a time, as `--limit 1` for Prefect's

@@ -290,6 +290,10 @@ class LocalStack:
         except (OSError, ValueError):
             return None
 
+    def pid(self, name: str) -> int | None:
+        """The pid of this stack's server `name` if it runs (the benchmarks read its CPU time)."""
+        return self._read_pid(name)
+
     def _read_pid(self, name: str) -> int | None:
         info = self._pid_info(name) or {}
         pid = info.get("pid")

@@ -341,6 +341,7 @@ def bench_backfill(stack, settings, model_uri: str, tmp: Path, n_months: int, ki
             ),
             ("(d) work pool, 1 worker on one core", f"{d:.1f} s", "", f"{loads['d']:.1f}"),
         ]
+        rows = [(*row, runs[key]["locked"]) for row, key in zip(rows, "bcd")]
         print(f"\n{kind} workers ({WORKER_KINDS[kind]})")
         print(table(rows, ("mode", "wall", "", "load average at start", "SQLite locked, retried")))
         overhead = b - a

@@ -269,8 +269,9 @@ def pool_backfill(stack, model_uri: str, months, count: int, pin: bool, kind: st
 
 
 def sqlite_lock_errors(server_log: Path, start: int) -> int:
-    """Requests the Prefect server answered 503 because SQLite was locked, since byte `start`
-    of its log: each one a client retry 2, 4 or 8 s later (Prefect's backoff)."""
+    """State writes the Prefect server's SQLite refused ("database is locked") since byte `start`
+    of its log. A client's is answered 503 and retried 2, 4 or 8 s later; in these runs they came
+    from the server's late-runs service marking the backfill's months (scheduled in the past) Late."""
     with open(server_log, "rb") as log:
         log.seek(start)
         return log.read().count(b"Encountered error during state validation")
@@ -343,7 +344,7 @@ def bench_backfill(stack, settings, model_uri: str, tmp: Path, n_months: int, ki
         ]
         rows = [(*row, runs[key]["locked"]) for row, key in zip(rows, "bcd")]
         print(f"\n{kind} workers ({WORKER_KINDS[kind]})")
-        print(table(rows, ("mode", "wall", "", "load average at start", "SQLite locked, retried")))
+        print(table(rows, ("mode", "wall", "", "load average at start", "state writes SQLite refused")))
         overhead = b - a
         per_month = overhead / n_months
         rb = runs["b"]

@@ -207,12 +207,17 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
-def kill(stack: LocalStack, index: int) -> list[int]:
-    """SIGKILL worker `index` and the month it is running, at once: no handler runs, nothing
-    is reported to the server, as when its machine dies. Returns the pids killed."""
+def _running(stack: LocalStack, index: int) -> Worker:
     worker = next((w for w in workers(stack) if w.index == index), None)
     if worker is None:
         raise ProcessFailed(f"worker {index} is not running")
+    return worker
+
+
+def kill(stack: LocalStack, index: int) -> list[int]:
+    """SIGKILL worker `index` and the month it is running, at once: no handler runs, nothing
+    is reported to the server, as when its machine dies. Returns the pids killed."""
+    worker = _running(stack, index)
     tree = descendants(worker.pid)
     _signal(tree, signal.SIGSTOP)  # frozen first: no new child appears while the tree is killed
     _signal(descendants(worker.pid), signal.SIGKILL)
@@ -226,9 +231,7 @@ def kill(stack: LocalStack, index: int) -> list[int]:
 def paused(stack: LocalStack, index: int) -> Iterator[Worker]:
     """Worker `index` frozen (SIGSTOP, its whole tree) inside the block, as a machine that
     hangs: it takes no run; it goes on where it was when the block ends."""
-    worker = next((w for w in workers(stack) if w.index == index), None)
-    if worker is None:
-        raise ProcessFailed(f"worker {index} is not running")
+    worker = _running(stack, index)
     tree = descendants(worker.pid)
     _signal(tree, signal.SIGSTOP)
     try:

@@ -7,7 +7,8 @@
   state in memory, so streams are recreated empty after a restart (stream records are
   transient on AWS too). It refuses S3 requests, so that no object lands in its memory.
 - MLflow: `mlflow server`, sqlite backend under `.local/`, artifacts in local S3.
-- Prefect: `prefect server start` (for the batch part), sqlite under `.local/`.
+- Prefect: `prefect server start` (for the batch part), sqlite under `.local/`, its write
+  transactions queueing for SQLite's lock instead of failing (`workbench.prefect_server`).
 
 Every server listens on 127.0.0.1 only. Processes run in the background with logs
 under `.local/logs/`, pid files and the ports in use under `.local/run/` (so a new
@@ -354,13 +355,13 @@ class LocalStack:
                 PREFECT_UI_API_URL=f"{self.url('prefect')}/api",
                 PREFECT_SERVER_API_HOST=HOST,
                 PREFECT_SERVER_API_PORT=port,
+                # A request SQLite refuses is answered 503 and retried by the client 2 s later;
+                # logged, those stalls can be counted and traced to their endpoint (bench-batch).
+                PREFECT_API_LOG_RETRYABLE_ERRORS="true",
             )
-            # SQLite takes one writer at a time, and Prefect 3.9 creates a subflow's
-            # task run in a transaction that fails at once ("database is locked",
-            # HTTP 503, the client retries 2 s later) when another write commits in
-            # between. By default the server commits every task-run event on its
-            # own; committing them in batches (at most 1 s late in the UI) made
-            # those stalls rare: 8 -> 1 in 36 empty subflows (make bench-batch counts them).
+            # SQLite takes one writer at a time. By default the server commits every
+            # task-run event in a write of its own; in batches (at most 1 s late in the UI)
+            # there are far fewer writes for the workers' to queue behind.
             for key, value in (
                 ("TASK_RUN_RECORDER_BATCH_SIZE", "100"),
                 ("TASK_RUN_RECORDER_FLUSH_INTERVAL", "1"),
@@ -368,7 +369,7 @@ class LocalStack:
             ):
                 env.setdefault(f"PREFECT_SERVER_SERVICES_{key}", value)
             env.pop("PREFECT_API_URL", None)
-            return [py, "-m", "prefect", "server", "start", "--host", HOST, "--port", port], env
+            return [py, "-m", "workbench.prefect_server", "--host", HOST, "--port", port], env
         raise ValueError(name)
 
     def _weed_command(self, env: dict) -> tuple[list[str], dict]:

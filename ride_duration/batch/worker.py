@@ -21,9 +21,10 @@ What stays as with Prefect's process worker:
 
 What differs: a run cannot be cancelled from the UI while it scores (there is no process
 of its own to stop; it ends at the month's end); a flow that leaks memory or state does so
-in the worker (the flows here keep only the model cache); and the worker itself sends the
-heartbeats of the run it executes (the engine's heartbeat thread makes every run wait up to
-a second at its end). SIGTERM or Ctrl-C stop it taking runs and let the current month finish.
+in the worker (the flows here keep only the model cache); the worker itself sends the
+heartbeats of its runs (the engine's heartbeat thread makes every run wait up to a second
+at its end) and skips the engine's watch for a "suspend" (see below). SIGTERM or Ctrl-C stop
+it taking runs and let the current month finish.
 
     python -m ride_duration.batch worker --pool ride-duration --name machine-1
 """
@@ -31,6 +32,7 @@ a second at its end). SIGTERM or Ctrl-C stop it taking runs and let the current 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import signal
@@ -44,12 +46,14 @@ import anyio
 # read and write S3 (seconds on first use, each).
 import mlflow  # noqa: F401
 import prefect.context
+import prefect.flow_engine
 import prefect.settings
 import s3fs  # noqa: F401
 import sklearn.ensemble  # noqa: F401
 import skops.io  # noqa: F401
+from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
-from prefect.flow_engine import MINIMUM_HEARTBEAT_INTERVAL, load_flow, load_flow_run, run_flow
+from prefect.flow_engine import MINIMUM_HEARTBEAT_INTERVAL, load_flow, run_flow
 from prefect.logging.loggers import flow_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Settings, get_current_settings
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
@@ -93,11 +97,33 @@ def job_environment(env: dict[str, str | None]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def execute_flow_run(flow_run_id, env: dict[str, str | None]) -> str:
+# Set in the thread that executes a run the worker took (`execute_flow_run`).
+_warm_run = contextvars.ContextVar("warm_run", default=False)
+_observe_suspension = prefect.flow_engine.observe_flow_run_suspension
+
+
+@contextlib.contextmanager
+def _observe_suspension_unless_warm(*args: Any, **kwargs: Any) -> Iterator[None]:
+    """Prefect's engine watches every deployment run for a "suspend" from the UI with a thread
+    of its own, an event-loop and a subscription to the server's events, set up for each run
+    and joined at its end in 0.2 s steps: ~0.2 s of every month, for a request honoured only
+    between tasks (a month is one task). Runs this worker executes skip it, as they cannot be
+    cancelled mid-month either; any other flow in the process keeps it."""
+    if _warm_run.get():
+        yield
+        return
+    with _observe_suspension(*args, **kwargs):
+        yield
+
+
+prefect.flow_engine.observe_flow_run_suspension = _observe_suspension_unless_warm
+
+
+def execute_flow_run(flow_run: FlowRun, env: dict[str, str | None]) -> str:
     """Run one flow run to its final state here, as `python -m prefect.engine <id>` does
-    in a new process; the name of that state."""
+    in a new process (after its `load_flow_run`); the name of that state."""
+    _warm_run.set(True)  # this thread's context only (anyio runs it in a copy of the caller's)
     with job_environment(env):
-        flow_run = load_flow_run(flow_run_id=flow_run_id)
         run_logger = flow_run_logger(flow_run=flow_run)
         flow = load_flow(flow_run)
         state = run_flow(flow, flow_run=flow_run, error_logger=run_logger, return_type="state")
@@ -138,7 +164,9 @@ class WarmProcessWorker(ProcessWorker):
             if (period := heartbeat_seconds(env)) is not None:
                 beats.start_soon(self._send_heartbeats, flow_run, period)
             try:
-                await anyio.to_thread.run_sync(execute_flow_run, flow_run.id, env)
+                # Read again with the worker's open client (the engine's `load_flow_run` opens a new one).
+                current = await self.client.read_flow_run(flow_run.id)
+                await anyio.to_thread.run_sync(execute_flow_run, current, env)
             except Exception:  # the engine itself failed (a flow's error is a Failed state, not this)
                 self._logger.exception("flow run %s could not be executed", flow_run.id)
                 status = 1

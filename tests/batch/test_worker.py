@@ -98,3 +98,35 @@ def test_it_serves_process_pools_without_replacing_prefects_process_worker(worke
     assert lookup_type(BaseWorker, "process") is ProcessWorker
     assert lookup_type(BaseWorker, "process-warm") is worker.WarmProcessWorker
     assert worker.WarmProcessWorker()._limit == 1  # one month at a time, as `--limit 1` for Prefect's
+
+
+def test_runs_it_executes_skip_the_engines_suspension_watch_and_other_flows_keep_it(monkeypatch, worker):
+    import contextlib
+    import inspect
+
+    import prefect.flow_engine as engine
+
+    # The engine looks the watch up by this name in its module at every run: the hook holds only while it does.
+    assert "observe_flow_run_suspension(" in inspect.getsource(
+        engine.BaseFlowRunEngine.setup_flow_run_suspension_request
+    )
+    assert engine.observe_flow_run_suspension is worker._observe_suspension_unless_warm
+    watched = []
+
+    @contextlib.contextmanager
+    def prefects_watch(flow_run_id, request):  # stands in for the thread and subscription it starts
+        watched.append(flow_run_id)
+        yield
+
+    monkeypatch.setattr(worker, "_observe_suspension", prefects_watch)
+
+    def run(flow_run_id: str, warm: bool) -> None:
+        if warm:
+            worker._warm_run.set(True)  # as `execute_flow_run` does, in its thread's context
+        with engine.observe_flow_run_suspension(flow_run_id, None):
+            pass
+
+    contextvars.copy_context().run(run, "another flow", False)
+    contextvars.copy_context().run(run, "a month the worker took", True)
+    run("another flow, after", False)  # the warm run's mark stayed in its own context
+    assert watched == ["another flow", "another flow, after"]

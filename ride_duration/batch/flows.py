@@ -25,7 +25,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from ..config import Settings, get_settings
 from ..registry import ModelRef, resolve_model
 from .paths import BatchPaths, get_paths, months_between, run_date_for
-from .pool import FLOW_NAME, backfill_tag, require_workers, submit_month, wait_for_runs
+from .pool import FLOW_NAME, require_workers, submit_months, wait_for_runs
 from .scoring import load_model_ref, score_month
 
 BACKFILL_FLOW_NAME = "ride-duration-prediction-backfill"
@@ -102,8 +102,8 @@ def ride_duration_prediction_backfill(
     logger.info("backfill %s: %d month(s) with model %s (run %s)", taxi_type, len(months), model.uri, model.run_id)
     if workers:
         logger.info("work pool workers online: %s", ", ".join(require_workers()))
-        tags = [backfill_tag(flow_run.id)]  # its months, found with `pool.month_runs` and in the UI
-        runs = [submit_month(taxi_type, model.uri, y, m, tags=tags) for y, m in months]
+        # Tagged with this run's id: its months, found with `pool.month_runs` and in the UI.
+        runs = submit_months(taxi_type, model.uri, months, backfill_id=flow_run.id)
         # Each month's summary is read from S3 as soon as its run ends, while the others still run.
         summaries = {}
 

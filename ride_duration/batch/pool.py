@@ -2,17 +2,17 @@
 
 The `monthly` deployment lives on the process work pool `ride-duration` (`deploy`). Any
 number of workers on any number of machines take its runs (`prefect worker start --pool
-ride-duration`; `make workers N=2` starts local ones): each run is a new process on a
-worker. A run scores the month before its scheduled time, so a backfill submits each
+ride-duration`, or the warm worker of `worker`; `make workers N=2` starts local ones). A run scores the month before its scheduled time, so a backfill submits each
 month as the cron would have run it (`run_date_for`: 2021-03-02 03:00 UTC scores
 February); a month taken late, or taken again after its worker died, scores the same month.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
 from uuid import UUID
 
 from prefect import get_client
@@ -24,8 +24,9 @@ from prefect.client.schemas.filters import (
     WorkerFilterStatus,
 )
 from prefect.client.schemas.objects import FlowRun
-from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.futures import PrefectFlowRunFuture
+from prefect.states import Scheduled
 
 from .paths import run_date_for
 
@@ -64,47 +65,67 @@ def backfill_tag(backfill_run_id: UUID | str) -> str:
     return f"backfill:{backfill_run_id}"
 
 
-def submit_run(scheduled_time: datetime, parameters: dict | None = None, *, tags: list[str] | None = None) -> FlowRun:
-    """A run of the deployment scheduled at `scheduled_time` (in the past: due now), not waited for.
-
-    Not `as_subflow`: that also records the run as a task of the calling flow, a write the local
-    server's SQLite refuses at once while the workers write ("database is locked", retried after
-    2, 4, 8 s: backfills stalled up to 14 s). A backfill tags its months instead (`backfill_tag`)."""
-    # _sync: in Jupyter's event loop Prefect would return the coroutine of the async variant.
-    return run_deployment(
-        FULL_NAME,
-        parameters=parameters,
-        scheduled_time=scheduled_time,
-        timeout=0,
-        tags=tags,
-        as_subflow=False,
-        _sync=True,
-    )
+# The state a backfill's months wait in: Scheduled, under a name of its own. Prefect's late-runs
+# service marks runs still "Scheduled" 15 s after their time "Late", and a backfill's months are
+# scheduled years ago by design: it would rewrite every waiting month while the workers write,
+# writes the local server's SQLite refuses at once ("database is locked"; a refused client
+# retries 2 s later). Workers take runs of any Scheduled name.
+BACKFILL_STATE = "Backfill"
 
 
-def submit_month(taxi_type: str, model_uri: str, year: int, month: int, *, tags: list[str] | None = None) -> FlowRun:
-    """A run scoring (year, month), scheduled when the cron would have run it."""
-    scheduled = run_date_for(year, month).replace(tzinfo=UTC)
-    return submit_run(scheduled, {"taxi_type": taxi_type, "run_id": model_uri}, tags=tags)
+def submit_months(
+    taxi_type: str, model_uri: str, months: list[tuple[int, int]], *, backfill_id: UUID | str
+) -> list[FlowRun]:
+    """One run of the deployment per (year, month), scheduled when the cron would have run
+    it (in the past: due now), tagged with the backfill (`backfill_tag`), not waited for.
+
+    Not `run_deployment(as_subflow=True)`: that also records each run as a task of the calling
+    flow, a write the local server's SQLite refuses at once while workers write (backfills
+    stalled up to 14 s). Each month has an idempotency key: a submission retried after a lost
+    answer returns the run the server already made instead of a second one."""
+    tags = [backfill_tag(backfill_id)]
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(FULL_NAME)
+        runs = []
+        for year, month in months:
+            label = f"{year:04d}-{month:02d}"
+            scheduled = Scheduled(scheduled_time=run_date_for(year, month).replace(tzinfo=UTC), name=BACKFILL_STATE)
+            run = client.create_flow_run_from_deployment(
+                deployment.id,
+                parameters={"taxi_type": taxi_type, "run_id": model_uri},
+                state=scheduled,
+                name=f"{taxi_type}-{label}",
+                tags=tags,
+                idempotency_key=f"{tags[0]}:{label}",
+            )
+            runs.append(run)
+    return runs
 
 
 def wait_for_runs(
     ids: list[UUID],
     timeout: float | None = None,
-    poll: float = 1.0,
+    poll: float = 2.0,
     on_final: Callable[[FlowRun], None] | None = None,
 ) -> list[FlowRun]:
-    """Poll the server until every run is in a final state; the runs in the order of `ids`.
+    """Wait until every run is in a final state; the runs in the order of `ids`.
     `on_final(run)` is called once per run as soon as it is seen final (reading a month's
     result while the other months still run).
 
-    A run whose worker died is rescheduled by the server (see `deploy`) and taken by another
-    worker: it is still the same run, waited for here once."""
+    The runs are read when the server's events say one of them reached a final state
+    (Prefect's futures: one websocket for the process) and every `poll` seconds regardless,
+    so an event missed while that websocket reconnects costs at most `poll` s. A run whose
+    worker died is rescheduled by the server (see `deploy`) and taken by another worker: it
+    is still the same run, waited for here once."""
     deadline = None if timeout is None else time.monotonic() + timeout
     wanted = FlowRunFilter(id=FlowRunFilterId(any_=list(ids)))
     seen: set[UUID] = set()
+    ended = threading.Event()
+    for run_id in ids:
+        PrefectFlowRunFuture(run_id).add_done_callback(lambda _: ended.set())
     with get_client(sync_client=True) as client:
         while True:
+            ended.clear()  # before the read: an end the read misses wakes the wait below
             runs = {run.id: run for run in client.read_flow_runs(flow_run_filter=wanted)}
             for run in runs.values():
                 if run.state.is_final() and run.id not in seen:
@@ -116,7 +137,7 @@ def wait_for_runs(
             if deadline is not None and time.monotonic() > deadline:
                 pending = [f"{r.name} ({r.state.name})" for r in runs.values() if not r.state.is_final()]
                 raise TimeoutError(f"after {timeout:.0f} s, still not finished: {', '.join(pending)}; are workers up?")
-            time.sleep(poll)
+            ended.wait(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
 
 
 def month_runs(backfill_run_id: UUID) -> list[FlowRun]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -107,6 +109,7 @@ def test_deploy_puts_the_monthly_deployment_on_a_process_pool(batch_stack, batch
 
 def test_backfill_months_run_on_the_pool_workers_and_reruns_replace(two_workers, batch_stack, synthetic_months):
     from ride_duration.batch.flows import ride_duration_prediction_backfill
+    from ride_duration.batch.pool import run_history, submit_months, wait_for_runs
 
     state = ride_duration_prediction_backfill(
         taxi_type="green", run_id="production", start_date="2021-01", end_date="2021-02", timeout=180, return_state=True
@@ -119,14 +122,20 @@ def test_backfill_months_run_on_the_pool_workers_and_reruns_replace(two_workers,
         written = _read(r["output_file"])
         assert r["rows"] == len(written) == len(expected) and written["ride_id"].is_unique
 
-    # Each month is a run of the deployment, a child of the backfill's run in the UI, scheduled
-    # when the cron would have run it (no run_date: the month comes from that time), and here
-    # taken by its own worker.
+    # Each month is a run of the deployment, named by its month, tagged with the backfill's run,
+    # scheduled when the cron would have run it (no run_date: the month comes from that time);
+    # it waited as "Backfill", a Scheduled state Prefect's late-runs service does not rewrite.
     runs = _month_runs(state)
+    assert [run.name for run in runs] == ["green-2021-01", "green-2021-02"]
     assert [run.expected_start_time for run in runs] == [
         datetime(2021, 2, 2, 3, tzinfo=UTC),
         datetime(2021, 3, 2, 3, tzinfo=UTC),
     ]
+    assert [run_history(run.id)[0][0] for run in runs] == ["Backfill", "Backfill"]
+    # A submission sent again for the same backfill (a retry after a lost answer) gets the same runs.
+    backfill_id, model_uri = state.state_details.flow_run_id, runs[0].parameters["run_id"]
+    again = submit_months("green", model_uri, [(2021, 1), (2021, 2)], backfill_id=backfill_id)
+    assert [run.id for run in again] == [run.id for run in runs] and len(_month_runs(state)) == 2
     assert all(run.work_pool_name == "ride-duration" and run.state.is_completed() for run in runs)
     assert all("run_date" not in run.parameters and run.run_count == 1 for run in runs)
     # Each month taken once, by a worker of the pool (which one is a race: the warm worker asks
@@ -161,6 +170,12 @@ def test_backfill_months_run_on_the_pool_workers_and_reruns_replace(two_workers,
     ]
     again = _read(feb)
     assert len(again) == results[1]["rows"] and not again["ride_id"].isin(feb_before["ride_id"]).any()
+
+    # Waiting wakes on the server's events: with a poll of 5 minutes it still returns as the month ends.
+    (run,) = submit_months("green", model_uri, [(2021, 1)], backfill_id=uuid.uuid4())
+    start = time.monotonic()
+    (done,) = wait_for_runs([run.id], poll=300)
+    assert done.state.is_completed() and time.monotonic() - start < 120
 
 
 def test_worker_killed_mid_month_the_other_worker_scores_it_once(two_workers, batch_stack, batch_model, tmp_path):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import requests
 
+from ride_duration.batch import WORK_POOL
 from ride_duration.config import repo_root
 
 from .process import ProcessFailed, log_tail, spawn
@@ -68,13 +69,6 @@ class Worker:
     @property
     def alive(self) -> bool:
         return pid_alive(self.pid)
-
-
-def default_pool() -> str:
-    # Imported here: ride_duration.batch.deploy imports Prefect (2-3 s), which `stop` and `status` do without.
-    from ride_duration.batch.deploy import WORK_POOL
-
-    return WORK_POOL
 
 
 def _pidfile(stack: LocalStack, index: int) -> Path:
@@ -128,7 +122,7 @@ def start(
 
     The workers get this process's environment (PREFECT_API_URL, the S3 and MLflow endpoints,
     BATCH_INPUT_PREFIX...) with `env` on top."""
-    pool = pool or default_pool()
+    pool = pool or WORK_POOL
     api_url = (env or {}).get("PREFECT_API_URL") or os.environ.get("PREFECT_API_URL")
     if not api_url:
         raise ProcessFailed("PREFECT_API_URL is not set: start the stack (`make services-up`) or point it at a server")

@@ -8,3 +8,10 @@
 - `report`: the papermill run of notebooks/05-batch-scoring.ipynb into reports/.
 - `cli`: `python -m ride_duration.batch deploy | schedule | score | backfill | report`.
 """
+
+# The orchestrator's names, here rather than in `pool` so that the CLI and the workbench
+# can name the work pool without importing Prefect (2-3 s).
+FLOW_NAME = "ride-duration-prediction"
+DEPLOYMENT_NAME = "monthly"
+FULL_NAME = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
+WORK_POOL = "ride-duration"

@@ -19,6 +19,7 @@ import requests
 from ..config import Settings, get_settings
 from ..registry import resolve_model
 from ..tlc import TAXI_TYPES
+from . import FULL_NAME, WORK_POOL
 
 
 class CliError(RuntimeError):
@@ -188,7 +189,7 @@ def worker_main(argv=None) -> int:
         description="Take months from the work pool and score them in this process, one at a time, "
         "the model and imports kept loaded between months (Prefect's own `prefect worker start` works too).",
     )
-    parser.add_argument("--pool", default="ride-duration", help="the work pool (default: %(default)s)")
+    parser.add_argument("--pool", default=WORK_POOL, help="the work pool (default: %(default)s)")
     parser.add_argument("--name", help="the worker's name in the UI (default: a random one)")
     args = parser.parse_args(argv)
     get_settings()  # loads `.env` (PREFECT_API_URL and the endpoints) as every entry point does
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
         _prefect_ready()
         # Imported once the server is known to answer (Prefect takes 3 s).
         from .deploy import CRON, TIMEZONE, create_deployment, preview_schedule, read_deployment
-        from .pool import FULL_NAME, WORK_POOL, online_workers
+        from .pool import online_workers
 
         logging.getLogger("prefect").setLevel(logging.WARNING)
         create_deployment(settings, args.taxi_type, args.model)

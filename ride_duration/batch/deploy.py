@@ -37,8 +37,8 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
 
 from ..config import Settings
+from . import DEPLOYMENT_NAME, FULL_NAME, WORK_POOL
 from .flows import ride_duration_prediction
-from .pool import DEPLOYMENT_NAME, FULL_NAME, WORK_POOL
 
 CRON = "0 3 2 * *"
 TIMEZONE = "UTC"

@@ -24,8 +24,9 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 from ..config import Settings, get_settings
 from ..registry import ModelRef, resolve_model
+from . import FLOW_NAME
 from .paths import BatchPaths, get_paths, months_between, run_date_for
-from .pool import FLOW_NAME, require_workers, submit_months, wait_for_runs
+from .pool import require_workers, submit_months, wait_for_runs
 from .scoring import load_model_ref, score_month
 
 BACKFILL_FLOW_NAME = "ride-duration-prediction-backfill"

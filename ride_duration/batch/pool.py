@@ -28,12 +28,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFlowRunFuture
 from prefect.states import Scheduled
 
+from . import FULL_NAME, WORK_POOL
 from .paths import run_date_for
-
-FLOW_NAME = "ride-duration-prediction"
-DEPLOYMENT_NAME = "monthly"
-FULL_NAME = f"{FLOW_NAME}/{DEPLOYMENT_NAME}"
-WORK_POOL = "ride-duration"
 
 
 class NoWorkers(RuntimeError):

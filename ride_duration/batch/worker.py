@@ -58,8 +58,10 @@ from prefect.logging.loggers import flow_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Settings, get_current_settings
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
-from . import flows  # noqa: F401  (imported now: the first month should not pay for it)
-from .pool import WORK_POOL
+from . import (
+    WORK_POOL,
+    flows,  # noqa: F401  (imported now: the first month should not pay for it)
+)
 
 
 @functools.lru_cache(maxsize=8)

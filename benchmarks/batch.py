@@ -47,7 +47,7 @@ from ride_duration.aws import s3_client, storage_options
 from ride_duration.batch import paths as batch_paths
 from ride_duration.batch import scoring
 from ride_duration.batch.deploy import create_deployment
-from ride_duration.batch.flows import ride_duration_prediction_backfill
+from ride_duration.batch.flows import run_backfill
 from ride_duration.batch.pool import month_runs
 from ride_duration.config import get_settings
 from ride_duration.registry import resolve_model
@@ -240,7 +240,7 @@ def pool_backfill(stack, model_uri: str, months, count: int, pin: bool, kind: st
         server_cpu = cpu_seconds(server)
         (y0, m0), (y1, m1) = months[0], months[-1]
         start = time.perf_counter()
-        state = ride_duration_prediction_backfill(
+        state = run_backfill(  # as the CLI runs it
             taxi_type="green",
             run_id=model_uri,
             start_date=f"{y0:04d}-{m0:02d}",

@@ -127,12 +127,12 @@ def backfill_main(argv=None) -> int:
         model = _pinned_model(args.run_id, settings)
         # Imported once the server and the model are known to answer (Prefect takes 3 s).
         from .deploy import create_deployment, deployment_exists
-        from .flows import ride_duration_prediction_backfill
+        from .flows import run_backfill
 
         if not args.local and not deployment_exists():
             create_deployment(settings, args.taxi_type)
         (y0, m0), (y1, m1) = args.start, args.end
-        results = ride_duration_prediction_backfill(
+        results = run_backfill(
             taxi_type=args.taxi_type,
             run_id=model,
             start_date=f"{y0:04d}-{m0:02d}",

@@ -115,6 +115,33 @@ def test_missing_month_fails_clearly_and_writes_nothing(batch_stack, batch_model
     assert "error: no input for green 2021-03" in capsys.readouterr().err
 
 
+def test_cli_backfill_local_prints_each_month_and_runs_without_a_heartbeat_thread(
+    batch_stack, batch_model, s3_input, capsys, monkeypatch
+):
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    from ride_duration.batch import cli, flows
+
+    args = ["--start", "2021-02", "--end", "2021-02", "--local", "--run-id", batch_model.run_id]
+    assert cli.backfill_main(args) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    output = f"s3://{get_settings().predictions_bucket}/taxi_type=green/year=2021/month=02/{batch_model.run_id}.parquet"
+    assert line.startswith("2021-02 ") and line.endswith(f"-> {output}") and object_exists(output)
+
+    # The flow the CLI runs sees no heartbeat setting (nothing watches a backfill's; Prefect joins the
+    # thread at the end in 1 s steps); outside it Prefect's default is back.
+    seen = {}
+
+    def backfill(**kwargs):
+        seen.update(kwargs, heartbeat=PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value())
+        return []
+
+    monkeypatch.setattr(flows, "ride_duration_prediction_backfill", backfill)
+    assert cli.backfill_main(args) == 0
+    assert seen["heartbeat"] is None and seen["workers"] is False
+    assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180
+
+
 # ----------------------------------------------------------------------------- which model, tracking server down
 def _dead_tracking_server(monkeypatch) -> str:
     from workbench.stack import free_port

@@ -2,8 +2,9 @@
 
 The `monthly` deployment lives on the process work pool `ride-duration` (`deploy`). Any
 number of workers on any number of machines take its runs (`prefect worker start --pool
-ride-duration`, or the warm worker of `worker`; `make workers N=2` starts local ones). A run scores the month before its scheduled time, so a backfill submits each
-month as the cron would have run it (`run_date_for`: 2021-03-02 03:00 UTC scores
+ride-duration`, or this package's warm worker; `make workers N=2` starts local ones). A run
+scores the month before its scheduled time, so a backfill submits each month as the cron
+would have run it (`run_date_for`: 2021-03-02 03:00 UTC scores
 February); a month taken late, or taken again after its worker died, scores the same month.
 """
 
@@ -63,9 +64,8 @@ def backfill_tag(backfill_run_id: UUID | str) -> str:
 
 # The state a backfill's months wait in: Scheduled, under a name of its own. Prefect's late-runs
 # service marks runs still "Scheduled" 15 s after their time "Late", and a backfill's months are
-# scheduled years ago by design: it would rewrite every waiting month while the workers write,
-# writes the local server's SQLite refuses at once ("database is locked"; a refused client
-# retries 2 s later). Workers take runs of any Scheduled name.
+# scheduled years ago by design: it would rewrite every waiting month while the workers write
+# (SQLite: one writer at a time), and call a backfill late. Workers take runs of any Scheduled name.
 BACKFILL_STATE = "Backfill"
 
 
@@ -76,9 +76,10 @@ def submit_months(
     it (in the past: due now), tagged with the backfill (`backfill_tag`), not waited for.
 
     Not `run_deployment(as_subflow=True)`: that also records each run as a task of the calling
-    flow, a write the local server's SQLite refuses at once while workers write (backfills
-    stalled up to 14 s). Each month has an idempotency key: a submission retried after a lost
-    answer returns the run the server already made instead of a second one."""
+    flow, one more write per month racing the workers' (on Prefect's stock SQLite setup it was
+    refused at once and retried, stalling backfills up to 14 s). Each month has an idempotency
+    key: a submission retried after a lost answer gets the run the server already made, not a
+    second one."""
     tags = [backfill_tag(backfill_id)]
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(FULL_NAME)

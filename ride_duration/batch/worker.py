@@ -8,7 +8,9 @@ server, reports their states and heartbeats), except that it executes the run it
 in a thread of its own process with Prefect's flow engine, the way `python -m
 prefect.engine` would in a new one. Imports and the model (cached per process by
 `scoring.load_cached_model`) stay loaded from one month to the next, and it asks for the
-next run as soon as one ends instead of at its next poll.
+next run as soon as one ends instead of at its next poll. It loads the model the `monthly`
+deployment's runs will use before it takes its first run (`preload_model`), so the first month
+after a start does not pay for it either.
 
 What stays as with Prefect's process worker:
 - any mix of these and stock workers (`prefect worker start --pool ride-duration`) can
@@ -51,17 +53,23 @@ import prefect.settings
 import s3fs  # noqa: F401
 import sklearn.ensemble  # noqa: F401
 import skops.io  # noqa: F401
+from prefect import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
+from prefect.exceptions import ObjectNotFound
 from prefect.flow_engine import MINIMUM_HEARTBEAT_INTERVAL, load_flow, run_flow
-from prefect.logging.loggers import flow_run_logger
+from prefect.logging.loggers import flow_run_logger, get_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Settings, get_current_settings
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
+from ..config import get_settings
+from ..registry import resolve_model
 from . import (
+    FULL_NAME,
     WORK_POOL,
     flows,  # noqa: F401  (imported now: the first month should not pay for it)
 )
+from .scoring import load_model_ref
 
 
 @functools.lru_cache(maxsize=8)
@@ -198,9 +206,32 @@ class WarmProcessWorker(ProcessWorker):
         await self.get_and_submit_flow_runs()
 
 
+def preload_model(deployment: str = FULL_NAME) -> str:
+    """Load into this process's model cache the model that runs of `deployment` would use (its
+    `run_id` parameter, else what the services use, resolved here and now), so that the first
+    month after the worker starts does not load it. A month pinned to another version (a
+    backfill's, or after the alias moved) loads its own, as before. Best effort: what was
+    loaded, or why nothing was; never an error (a worker may start before any model exists)."""
+    try:
+        with get_client(sync_client=True) as client:
+            try:
+                run_id = client.read_deployment_by_name(deployment).parameters.get("run_id")
+            except ObjectNotFound:
+                run_id = None
+        settings = get_settings()
+        ref = resolve_model(run_id, settings)
+        load_model_ref(ref, settings)
+    except Exception as exc:  # noqa: BLE001  (anything: the first month would load it, or fail and say why)
+        return f"no model loaded ahead of the first month ({exc.__class__.__name__}: {exc})"
+    return f"model {ref.uri} (run {ref.run_id}) loaded ahead of the first month"
+
+
 def serve(pool: str = WORK_POOL, name: str | None = None) -> None:
     """Run a warm worker until SIGINT or SIGTERM. Either stops it taking runs; the month it
     is scoring finishes first (a stop from `kill -9` or a dead machine is the heartbeats' case)."""
+
+    # Before the worker announces itself: a worker that is online can take a month at once.
+    get_logger("worker.preload").info(preload_model())
 
     async def main() -> None:
         worker = WarmProcessWorker(work_pool_name=pool, name=name)

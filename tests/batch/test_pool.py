@@ -16,6 +16,7 @@ import pytest
 
 from ride_duration.aws import s3_client, storage_options
 from ride_duration.config import get_settings
+from ride_duration.registry import resolve_model
 from ride_duration.tlc import load_training_dataframe, write_synthetic_month
 from workbench import workers
 
@@ -142,6 +143,11 @@ def test_backfill_months_run_on_the_pool_workers_and_reruns_replace(two_workers,
     # for the next month as soon as one ends, and may take both). The warm worker runs a month in
     # its own process; Prefect's starts a new one. (The kill test below makes them share a month.)
     warm, stock = two_workers
+    # The warm worker loaded the deployment's model (the production alias here) before its first run.
+    production = resolve_model("production", get_settings())
+    assert (
+        f"model {production.uri} (run {production.run_id}) loaded ahead of the first month" in warm.log_path.read_text()
+    )
     taken = workers.runs_taken(batch_stack)
     assert all(len(taken[str(run.id)]) == 1 for run in runs)
     for run in runs:
@@ -231,3 +237,16 @@ def test_worker_killed_mid_month_the_other_worker_scores_it_once(two_workers, ba
     assert any(name == "AwaitingRetry" and "no heartbeat for 45 s" in message for name, message in history)
     assert [w.name for w in workers.workers(batch_stack)] == [stock.name]
     assert workers.runs_taken(batch_stack)[str(run.id)] == [warm.name, stock.name]
+
+
+def test_preload_says_why_it_loaded_nothing_and_never_fails(batch_stack, monkeypatch):
+    """A worker may start before any model exists, or with the tracking server down: it says so
+    and starts; the first month then loads its model, or fails naming why."""
+    from ride_duration.batch.worker import preload_model
+
+    monkeypatch.delenv("MODEL_URI", raising=False)
+    monkeypatch.delenv("MODEL_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    said = preload_model("no-such-flow/no-such-deployment")
+    assert said.startswith("no model loaded ahead of the first month (ModelNotFound: ")
+    assert "http://127.0.0.1:9" in said

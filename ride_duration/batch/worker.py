@@ -8,7 +8,8 @@ server, reports their states and heartbeats), except that it executes the run it
 in a thread of its own process with Prefect's flow engine, the way `python -m
 prefect.engine` would in a new one. Imports and the model (cached per process by
 `scoring.load_cached_model`) stay loaded from one month to the next, and it asks for the
-next run as soon as one ends instead of at its next poll. It loads the model the `monthly`
+next run as soon as one ends (or as soon as another worker took the one it reached for)
+instead of at its next poll. It loads the model the `monthly`
 deployment's runs will use before it takes its first run (`preload_model`), so the first month
 after a start does not pay for it either.
 
@@ -201,8 +202,16 @@ class WarmProcessWorker(ProcessWorker):
             emit_event(event="prefect.flow-run.heartbeat", resource=resource, related=related)
             await anyio.sleep(period)
 
-    async def _poll_now(self) -> None:
-        await anyio.sleep(0)
+    async def _propose_pending_state(self, flow_run) -> bool:
+        taken = await super()._propose_pending_state(flow_run)
+        if not taken:
+            # Another worker took it first (both saw it due): ask for the next one now, not at the
+            # next poll, a second later. Not at once: a run refused for another reason would loop.
+            self._runs_task_group.start_soon(self._poll_now, 0.1)
+        return taken
+
+    async def _poll_now(self, after: float = 0) -> None:
+        await anyio.sleep(after)
         await self.get_and_submit_flow_runs()
 
 

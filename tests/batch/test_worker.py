@@ -130,3 +130,32 @@ def test_runs_it_executes_skip_the_engines_suspension_watch_and_other_flows_keep
     contextvars.copy_context().run(run, "a month the worker took", True)
     run("another flow, after", False)  # the warm run's mark stayed in its own context
     assert watched == ["another flow", "another flow, after"]
+
+
+def test_a_run_another_worker_took_first_makes_it_ask_again_soon(worker, monkeypatch):
+    """Two workers that saw the same run due both propose Pending; the server gives it to one.
+    The other asks for the next run 0.1 s later instead of at its next poll (a second)."""
+    import anyio
+    from prefect.workers.process import ProcessWorker
+
+    answers = iter([False, True])  # the server's: taken by another worker, then given to this one
+
+    async def propose(self, flow_run) -> bool:
+        return next(answers)
+
+    monkeypatch.setattr(ProcessWorker, "_propose_pending_state", propose)
+    warm = worker.WarmProcessWorker(name="test-worker")
+    polls = []
+
+    async def poll_now(after: float = 0) -> None:
+        polls.append(after)
+
+    monkeypatch.setattr(warm, "_poll_now", poll_now)
+
+    async def main() -> list[bool]:
+        async with anyio.create_task_group() as group:
+            warm._runs_task_group = group
+            return [await warm._propose_pending_state(None), await warm._propose_pending_state(None)]
+
+    assert anyio.run(main) == [False, True]
+    assert polls == [0.1]  # once, for the run it lost

@@ -218,9 +218,10 @@ class WarmProcessWorker(ProcessWorker):
 def preload_model(deployment: str = FULL_NAME) -> str:
     """Load into this process's model cache the model that runs of `deployment` would use (its
     `run_id` parameter, else what the services use, resolved here and now), so that the first
-    month after the worker starts does not load it. A month pinned to another version (a
-    backfill's, or after the alias moved) loads its own, as before. Best effort: what was
-    loaded, or why nothing was; never an error (a worker may start before any model exists)."""
+    month after the worker starts does not load it (a backfill pinned to the same version
+    finds it cached too). A month that names another version loads its own, as before. Best
+    effort: what was loaded, or why nothing was; never an error (a worker may start before
+    any model exists)."""
     try:
         with get_client(sync_client=True) as client:
             try:

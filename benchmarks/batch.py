@@ -263,7 +263,6 @@ def pool_backfill(stack, model_uri: str, months, count: int, pin: bool, kind: st
         "scoring": scoring_seconds,
         "startup": sum(p["startup"] for p in phases),
         "in_run": sum(p["in_run"] for p in phases),
-        "months": len(phases),
         "server_cpu": server_cpu,
         "locked": sqlite_lock_errors(server_log, log_start),
     }
@@ -410,8 +409,7 @@ def bench_backfill(
             (f"{kind}: {n_months}-month backfill, (b) 1 worker", f"{b:.1f} s"),
             (
                 f"{kind}: (c) 2 workers pinned / (d) 1 worker pinned, medians of {n_pairs}",
-                f"{c:.1f} s / {d:.1f} s; {scaling:.2f}x"
-                + (f" ({', '.join(f'{r:.2f}' for r in ratios)})" if n_pairs > 1 else ""),
+                f"{c:.1f} s / {d:.1f} s; {scaling:.2f}x{_all(ratios, '.2f')}",
             ),
             (f"{kind}: orchestration overhead per month / share of (b)", f"{per_month:.2f} s / {overhead / b:.0%}"),
             (

@@ -1,5 +1,6 @@
 """The warm worker's pieces that need no server: how a job's environment becomes the run's
-settings and variables, its heartbeat period, and its place among Prefect's worker types.
+settings and variables, its heartbeat period, its place among Prefect's worker types, the
+engine's suspension watch it skips, and asking again after losing a run to another worker.
 (It taking months, running them in its own process and dying mid-month: test_pool.py.)"""
 
 from __future__ import annotations

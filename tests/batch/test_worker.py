@@ -1,6 +1,7 @@
 """The warm worker's pieces that need no server: how a job's environment becomes the run's
-settings and variables, its heartbeat period, its place among Prefect's worker types, the
-engine's suspension watch it skips, and asking again after losing a run to another worker.
+settings and variables, its own settings as the jobs' variables, its heartbeat period, its
+place among Prefect's worker types, the engine's suspension watch it skips, and asking again
+after losing a run to another worker.
 (It taking months, running them in its own process and dying mid-month: test_pool.py.)"""
 
 from __future__ import annotations
@@ -99,6 +100,28 @@ def test_it_serves_process_pools_without_replacing_prefects_process_worker(worke
     assert lookup_type(BaseWorker, "process") is ProcessWorker
     assert lookup_type(BaseWorker, "process-warm") is worker.WarmProcessWorker
     assert worker.WarmProcessWorker()._limit == 1  # one month at a time, as `--limit 1` for Prefect's
+
+
+def test_the_workers_settings_become_job_variables_once_per_settings_object(monkeypatch, worker, settings):
+    from prefect.workers.process import ProcessJobConfiguration
+
+    assert worker.WarmProcessWorker.job_configuration is worker.WarmJobConfiguration
+    prefects = ProcessJobConfiguration._base_environment.__func__
+    calls = []
+    monkeypatch.setattr(
+        ProcessJobConfiguration, "_base_environment", classmethod(lambda c: calls.append(1) or prefects(c))
+    )
+    monkeypatch.setattr(worker, "_settings_environment", (None, {}))
+    warm = worker.WarmJobConfiguration
+
+    first = warm._base_environment()
+    assert first == prefects(ProcessJobConfiguration) and len(calls) == 1
+    first["RIDE_TEST_ADDED_BY_A_RUN"] = "x"  # the caller adds a run's variables to what it gets
+    assert warm._base_environment() == prefects(ProcessJobConfiguration) and len(calls) == 1
+    # Other settings (a profile, a test's temporary ones) are other objects: serialised anew.
+    with settings.temporary_settings(updates={settings.PREFECT_WORKER_QUERY_SECONDS: 7}):
+        assert warm._base_environment()["PREFECT_WORKER_QUERY_SECONDS"] == "7.0" and len(calls) == 2
+    assert warm._base_environment() == prefects(ProcessJobConfiguration) and len(calls) == 3
 
 
 def test_runs_it_executes_skip_the_engines_suspension_watch_and_other_flows_keep_it(monkeypatch, worker):

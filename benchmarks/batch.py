@@ -15,7 +15,9 @@
    a new process per month). The orchestration overhead is (b) - (a), per month and as a share
    of (b); where it goes is read from Prefect's own state times of each month's run, and the
    Prefect server's CPU time during (b) is read from /proc (it shares the machine's cores).
-   (d)/(c) is compared with the machine's own 2-process ceiling.
+   (d)/(c) is compared with the machine's own 2-process ceiling, and with what the same months
+   gain from a second core with no orchestrator at all (plain processes, one per core, taking
+   months from one queue).
 
 Needs the local stack (make services-up), a production model (make train) and the real
 months (TLC_MIRROR). Outputs go to a scratch bucket that is removed at the end; the
@@ -312,6 +314,48 @@ def machine_ceiling(units: int = 4, n: int = 5_000_000, repeats: int = 3) -> flo
     return statistics.median(ratios)
 
 
+def _plain_worker(core: int, months, ready, go, done) -> None:
+    """One plain process on one core: load the model, wait for `go`, then score months from the
+    shared queue until it is empty (as pool workers take the next run when one ends)."""
+    os.sched_setaffinity(0, {core})
+    logging.disable(logging.WARNING)  # each month's rejects line
+    settings = get_settings()
+    model, version = scoring.load_model_ref(resolve_model(os.environ["BENCH_MODEL_URI"], settings), settings)
+    ready.release()
+    go.wait()
+    count = 0
+    while (month := months.get()) is not None:
+        y, m = month
+        paths = batch_paths.month_paths("green", y, m, version, settings=settings)
+        scoring.score_month(paths, model, version, settings=settings)
+        count += 1
+    done.put(count)
+
+
+def plain_processes(months, cores: list[int]) -> float:
+    """Seconds for len(cores) plain processes, each pinned to one of `cores`, to score `months`
+    from a shared queue, timed from when every one has its model loaded: (c) and (d) with no
+    orchestrator, so what the work itself gains from a second core here (memory, the S3
+    server and the rest of the machine included)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue, ready, go, done = ctx.Queue(), ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    for month in [*months, *[None] * len(cores)]:
+        queue.put(month)
+    procs = [ctx.Process(target=_plain_worker, args=(core, queue, ready, go, done)) for core in cores]
+    for proc in procs:
+        proc.start()
+    for _ in cores:
+        ready.acquire()
+    start = time.perf_counter()
+    go.set()
+    counts = [done.get(timeout=600) for _ in cores]
+    seconds = time.perf_counter() - start
+    for proc in procs:
+        proc.join()
+    assert sum(counts) == len(months), counts
+    return seconds
+
+
 # Pairs of (c) and (d) per kind, interleaved (c, d, c, d, ...): a 12-month backfill of ~0.5 s months
 # swings with whatever else the 2 cores run, so the scaling is the median of the pairs' ratios.
 # Prefect's process worker takes ~4 min a pair: one by default.
@@ -342,6 +386,8 @@ def bench_backfill(
     # The machine is shared: the ceiling is measured around each (c) and (d), and the load is
     # printed with each mode, so a ratio taken while something else ran shows as such.
     ceilings = [machine_ceiling()]
+    os.environ["BENCH_MODEL_URI"] = model_uri  # for the plain processes
+    plain = []  # (seconds on 1 core, seconds on 2 cores) pairs, measured beside each (c)/(d) pair
     summary = []
     for kind in kinds:
         runs, loads = {"c": [], "d": []}, {"c": [], "d": []}
@@ -353,6 +399,7 @@ def bench_backfill(
                 loads[key].append(os.getloadavg()[0])
                 runs[key].append(pool_backfill(stack, model_uri, months, count, pin=True, kind=kind))
                 ceilings.append(machine_ceiling())
+            plain.append((plain_processes(months, [1]), plain_processes(months, [0, 1])))
         b = runs["b"]["wall"]
         c_walls, d_walls = ([r["wall"] for r in runs[k]] for k in "cd")
         ratios = [d_ / c_ for c_, d_ in zip(c_walls, d_walls)]
@@ -427,10 +474,21 @@ def bench_backfill(
         f"\nthis machine's ceiling (2 processes vs 1, pure Python): {ceiling:.2f}x "
         f"(median of {', '.join(f'{x:.2f}' for x in ceilings)}); target for (d)/(c): >= {0.85 * ceiling:.2f}x"
     )
+    one, two = (statistics.median(x) for x in zip(*plain))
+    work = [o / t for o, t in plain]
+    print(
+        f"the same {n_months} months with no orchestrator, plain processes taking months from one queue, "
+        f"model loaded: 1 on one core {one:.1f} s, 2 on one core each {two:.1f} s: "
+        f"{statistics.median(work):.2f}x{_all(work, '.2f')}, {statistics.median(work) / ceiling:.2f} of the ceiling"
+    )
     return [
         (f"{n_months}-month backfill, direct (a); of which import + model load", f"{a:.1f} s; {setup:.1f} s"),
         *summary,
         ("2-process ceiling; target (d)/(c) >= 0.85 of it", f"{ceiling:.2f}x; {0.85 * ceiling:.2f}x"),
+        (
+            "same months, plain processes, 2 vs 1 on one core each",
+            f"{two:.1f} s / {one:.1f} s; {statistics.median(work):.2f}x{_all(work, '.2f')}",
+        ),
     ]
 
 

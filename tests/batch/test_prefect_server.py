@@ -1,11 +1,13 @@
 """The stack's Prefect server (workbench.prefect_server): its SQLite write transactions begin
-IMMEDIATE, so concurrent writers queue for the lock instead of being refused (HTTP 503)."""
+IMMEDIATE, so concurrent writers queue for the lock instead of being refused (HTTP 503), and
+it serves HTTP with uvloop and httptools."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -60,3 +62,12 @@ def test_concurrent_writers_are_never_refused(batch_stack):
     on the stack's server none."""
     codes = concurrent_writes(os.environ["PREFECT_API_URL"])
     assert set(codes) <= {200, 201, 204}, sorted(set(codes))
+
+
+@pytest.mark.integration
+def test_the_server_runs_on_uvloop_and_parses_http_with_httptools(batch_stack):
+    """uvicorn falls back to asyncio's loop and the pure-Python h11 parser without complaint
+    when these are missing; the stack installs them (its `stack` extra) for the CPU they save
+    on the cores the workers share."""
+    maps = Path(f"/proc/{batch_stack.pid('prefect')}/maps").read_text()
+    assert "/uvloop/" in maps and "/httptools/" in maps

@@ -39,13 +39,10 @@ from ride_duration.config import repo_root
 from .process import ProcessFailed, log_tail, spawn
 from .stack import MARKER, LocalStack, activate_if_running, pid_alive
 
-# The worker's defaults are for a remote server: a poll for due runs every 10 s. The local
-# server answers a poll per second easily, so a month waits ~0.5 s for a free worker, not ~5 s.
 # Plain log files: INFO says which worker took which month, no terminal colour codes, and each
 # month's lines as they happen (a month's process writes to the worker through a pipe, which
 # Python would otherwise fill in 8 KB blocks).
 WORKER_ENV = {
-    "PREFECT_WORKER_QUERY_SECONDS": "1",
     "PREFECT_LOGGING_LEVEL": "INFO",
     "PREFECT_LOGGING_COLORS": "false",
     "PYTHONUNBUFFERED": "1",
@@ -128,7 +125,11 @@ def start(
         raise ProcessFailed("PREFECT_API_URL is not set: start the stack (`make services-up`) or point it at a server")
     running = {w.index for w in workers(stack)}
     # Not the stack's marker: `stack up` stops marked processes it has no pid file for.
-    child_env = {k: v for k, v in {**os.environ, **WORKER_ENV, **(env or {})}.items() if k != MARKER}
+    # Prefect's worker finds runs only by polling, every 10 s by default; the local server answers
+    # a poll a second easily, so a month waits ~0.5 s for a free worker, not ~5 s. The warm worker
+    # is told by the server's events and keeps the default as its fallback.
+    poll = {"PREFECT_WORKER_QUERY_SECONDS": "1"} if kind == "process" else {}
+    child_env = {k: v for k, v in {**os.environ, **WORKER_ENV, **poll, **(env or {})}.items() if k != MARKER}
     started = []
     cores = sorted(os.sched_getaffinity(0))
     for index in range(1, count + 1):

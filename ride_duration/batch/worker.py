@@ -57,6 +57,9 @@ import skops.io  # noqa: F401
 from prefect import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter, EventResourceFilter
+from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
 from prefect.flow_engine import MINIMUM_HEARTBEAT_INTERVAL, load_flow, run_flow
 from prefect.logging.loggers import flow_run_logger, get_logger
@@ -180,6 +183,51 @@ class WarmProcessWorker(ProcessWorker):
     def __init__(self, work_pool_name: str = WORK_POOL, **kwargs: Any) -> None:
         # One run at a time: a run's environment variables are set in the process (`job_environment`).
         super().__init__(work_pool_name=work_pool_name, limit=1, **kwargs)
+        self._wake_pending = False  # a poll the server's events asked for is under way
+
+    async def setup(self) -> None:
+        await super().setup()
+        self._wake_scope = anyio.CancelScope()
+        self._runs_task_group.start_soon(self._wake_on_scheduled_runs)
+
+    async def teardown(self, *exc_info: Any) -> None:
+        self._wake_scope.cancel()
+        await super().teardown(*exc_info)
+
+    def scheduled_runs_filter(self) -> EventFilter:
+        """The server's events that mean "a run is waiting in this pool": a flow run entering a
+        SCHEDULED state (created from a deployment, a backfill's month, a month rescheduled
+        after its worker died), related to this work pool."""
+        in_pool = ResourceSpecification(
+            {"prefect.resource.role": "work-pool", "prefect.resource.name": self._work_pool_name}
+        )
+        return EventFilter(
+            event=EventNameFilter(prefix=["prefect.flow-run."]),
+            resource=EventResourceFilter(labels=ResourceSpecification({"prefect.state-type": "SCHEDULED"})),
+            any_resource=EventAnyResourceFilter(labels=in_pool),
+        )
+
+    async def _wake_on_scheduled_runs(self) -> None:
+        """Ask for runs when the server says one was scheduled in this pool, not at the next
+        poll: a backfill's first month starts at once, and the poll (PREFECT_WORKER_QUERY_SECONDS,
+        a write on the server each time) is only the fallback: for runs that become due later
+        (the cron's, created ahead of time) and while the events stream is down."""
+        with self._wake_scope:
+            try:
+                async with get_events_subscriber(filter=self.scheduled_runs_filter()) as events:
+                    async for _ in events:
+                        # Busy: it asks anyway when its month ends. A burst of submissions wakes it once.
+                        if self._limiter.available_tokens and not self._wake_pending:
+                            self._wake_pending = True
+                            self._runs_task_group.start_soon(self._poll_on_wake)
+            except Exception as exc:  # noqa: BLE001  (polling still finds every run)
+                self._logger.warning("not woken by the server's events any more (%s); polling only", exc)
+
+    async def _poll_on_wake(self) -> None:
+        try:
+            await self.get_and_submit_flow_runs()
+        finally:
+            self._wake_pending = False
 
     async def run(
         self,

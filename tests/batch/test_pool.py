@@ -40,15 +40,20 @@ def _month_runs(backfill_state) -> list:
     return month_runs(backfill_state.state_details.flow_run_id)
 
 
+WARM_POLL = 600
+
+
 @pytest.fixture(scope="module")
 def two_workers(batch_stack, batch_model, s3_input):
     """The deployment, and two workers started after BATCH_INPUT_PREFIX is set (they inherit it):
-    worker 1 warm (months in its own process), worker 2 Prefect's process worker."""
+    worker 1 warm (months in its own process), worker 2 Prefect's process worker. The warm one
+    polls every 10 minutes: it finds runs only when the server's events say one is waiting, or
+    when its month ends (as it would with a poll that never happens to fall at the right time)."""
     from ride_duration.batch.deploy import create_deployment
 
     create_deployment(get_settings())
     try:
-        workers.start(1, stack=batch_stack, kind="warm")
+        workers.start(1, stack=batch_stack, kind="warm", env={"PREFECT_WORKER_QUERY_SECONDS": str(WARM_POLL)})
         started = workers.start(2, stack=batch_stack, kind="process")  # all workers up to 2: worker 2 is new
         assert [w.kind for w in started] == ["warm", "process"]
         yield started
@@ -182,6 +187,24 @@ def test_backfill_months_run_on_the_pool_workers_and_reruns_replace(two_workers,
     start = time.monotonic()
     (done,) = wait_for_runs([run.id], poll=300)
     assert done.state.is_completed() and time.monotonic() - start < 120
+
+
+def test_the_warm_worker_takes_a_run_as_soon_as_the_server_says_it_is_scheduled(two_workers, batch_stack):
+    """Prefect's worker finds runs by polling; the warm one is told: it subscribes to the
+    server's events for runs scheduled in its pool and asks for them then."""
+    from ride_duration.batch.pool import submit_months, wait_for_runs
+
+    warm, stock = two_workers
+    production = resolve_model("production", get_settings())
+    with workers.paused(batch_stack, stock.index):  # so that only the warm worker can take it
+        (run,) = submit_months("green", production.uri, [(2021, 1)], backfill_id=uuid.uuid4())
+        (done,) = wait_for_runs([run.id], timeout=120)
+    assert done.state.is_completed()
+    assert workers.runs_taken(batch_stack)[str(run.id)] == [warm.name]
+    with _client() as client:
+        states = sorted(client.read_flow_run_states(run.id), key=lambda state: state.timestamp)
+    scheduled, taken = (next(s.timestamp for s in states if s.name == name) for name in ("Backfill", "Pending"))
+    assert (taken - scheduled).total_seconds() < 10  # its next poll: up to WARM_POLL s away
 
 
 def test_worker_killed_mid_month_the_other_worker_scores_it_once(two_workers, batch_stack, batch_model, tmp_path):

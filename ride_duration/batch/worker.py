@@ -150,6 +150,9 @@ def heartbeat_seconds(env: dict[str, str | None]) -> int | None:
     return max(int(value), MINIMUM_HEARTBEAT_INTERVAL) if value else None
 
 
+# After the server's events stream failed for good: the pause before subscribing again.
+WAKE_RETRY_SECONDS = 10
+
 # The last settings object turned into environment variables, and the result (see below).
 _settings_environment: tuple[Settings | None, dict[str, str]] = (None, {})
 
@@ -213,15 +216,25 @@ class WarmProcessWorker(ProcessWorker):
         a write on the server each time) is only the fallback: for runs that become due later
         (the cron's, created ahead of time) and while the events stream is down."""
         with self._wake_scope:
-            try:
-                async with get_events_subscriber(filter=self.scheduled_runs_filter()) as events:
-                    async for _ in events:
-                        # Busy: it asks anyway when its month ends. A burst of submissions wakes it once.
-                        if self._limiter.available_tokens and not self._wake_pending:
-                            self._wake_pending = True
-                            self._runs_task_group.start_soon(self._poll_on_wake)
-            except Exception as exc:  # noqa: BLE001  (polling still finds every run)
-                self._logger.warning("not woken by the server's events any more (%s); polling only", exc)
+            while True:
+                try:
+                    # Reconnects by itself (also after a clean close: a server restart), up to 10 times.
+                    async with get_events_subscriber(
+                        filter=self.scheduled_runs_filter(), reconnect_on_clean_close=True
+                    ) as events:
+                        async for _ in events:
+                            # Busy: it asks anyway when its month ends. A burst of submissions wakes it once.
+                            if self._limiter.available_tokens and not self._wake_pending:
+                                self._wake_pending = True
+                                self._runs_task_group.start_soon(self._poll_on_wake)
+                except Exception as exc:  # noqa: BLE001  (the poll still finds every run meanwhile)
+                    self._logger.warning(
+                        "not woken by the server's events (%s: %s); polling until subscribed again in %s s",
+                        exc.__class__.__name__,
+                        exc,
+                        WAKE_RETRY_SECONDS,
+                    )
+                await anyio.sleep(WAKE_RETRY_SECONDS)
 
     async def _poll_on_wake(self) -> None:
         try:

@@ -183,3 +183,69 @@ def test_a_run_another_worker_took_first_makes_it_ask_again_soon(worker, monkeyp
 
     assert anyio.run(main) == [False, True]
     assert polls == [0.1]  # once, for the run it lost
+
+
+def test_it_subscribes_again_when_the_servers_event_stream_fails_and_asks_only_when_idle(worker, monkeypatch):
+    """The subscription to the server's events is what makes it take a waiting month at once
+    (the real one: test_pool.py). A stream that could not be opened or broke (the server
+    restarting) is opened again after a pause, the poll finding runs meanwhile; each event asks
+    for runs, unless the worker is busy with a month (it asks when the month ends)."""
+    import types
+
+    import anyio
+
+    warm = worker.WarmProcessWorker(name="test-worker")
+    polls, filters = [], []
+    idle, busy = types.SimpleNamespace(available_tokens=1), types.SimpleNamespace(available_tokens=0)
+    sessions = iter([(idle, 2), RuntimeError("server restarting"), (busy, 1)])
+
+    class Stream:  # stands in for Prefect's events subscriber, one connection per instance
+        def __init__(self, filter, reconnect_on_clean_close) -> None:
+            filters.append((filter, reconnect_on_clean_close))
+            self.session = next(sessions, None)
+            if self.session is None:  # every session played: end the test's worker
+                warm._wake_scope.cancel()
+                self.session = RuntimeError("no more")
+
+        async def __aenter__(self):
+            if isinstance(self.session, Exception):
+                raise self.session
+            warm._limiter, self.left = self.session
+            return self
+
+        async def __aexit__(self, *exc_info) -> None:
+            return None
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await anyio.sleep(0.01)  # the asked-for poll runs before the next event
+            if not self.left:
+                raise ConnectionError("stream closed")
+            self.left -= 1
+            return "a run scheduled in the pool"
+
+    async def get_and_submit_flow_runs() -> None:
+        polls.append(warm._limiter.available_tokens)
+
+    monkeypatch.setattr(worker, "get_events_subscriber", Stream)
+    monkeypatch.setattr(worker, "WAKE_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(warm, "get_and_submit_flow_runs", get_and_submit_flow_runs)
+    warnings = []
+    monkeypatch.setattr(warm._logger, "warning", lambda message, *args: warnings.append(message % args))
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            warm._runs_task_group = group
+            warm._wake_scope = anyio.CancelScope()
+            await warm._wake_on_scheduled_runs()
+
+    anyio.run(main)
+    assert polls == [1, 1]  # two events while idle; none for the one that came while busy
+    assert len(filters) == 4 and all(again for _, again in filters)  # subscribed again after each failure
+    wanted = filters[0][0]
+    assert wanted.event.prefix == ["prefect.flow-run."]
+    assert wanted.resource.labels.root == {"prefect.state-type": "SCHEDULED"}
+    assert wanted.any_resource.labels.root["prefect.resource.name"] == "ride-duration"
+    assert len(warnings) == 4 and "server restarting" in warnings[1]

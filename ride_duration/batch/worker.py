@@ -8,10 +8,11 @@ server, reports their states and heartbeats), except that it executes the run it
 in a thread of its own process with Prefect's flow engine, the way `python -m
 prefect.engine` would in a new one. Imports and the model (cached per process by
 `scoring.load_cached_model`) stay loaded from one month to the next, and it asks for the
-next run as soon as one ends (or as soon as another worker took the one it reached for)
-instead of at its next poll. It loads the model the `monthly`
-deployment's runs will use before it takes its first run (`preload_model`), so the first month
-after a start does not pay for it either.
+next run as soon as one ends, as soon as another worker took the one it reached for, and as
+soon as the server's events say a run was scheduled in its pool, instead of at its next poll
+(which stays, as the fallback). It loads the model the `monthly` deployment's runs will use
+before it takes its first run (`preload_model`), so the first month after a start does not
+pay for it either.
 
 What stays as with Prefect's process worker:
 - any mix of these and stock workers (`prefect worker start --pool ride-duration`) can

@@ -239,7 +239,7 @@ class WarmProcessWorker(ProcessWorker):
 
     async def _poll_on_wake(self) -> None:
         try:
-            await self.get_and_submit_flow_runs()
+            await self._poll_now()
         finally:
             self._wake_pending = False
 

@@ -131,3 +131,156 @@ def test_docker_contexts_leave_out_the_workbench():
         assert {*WORKBENCH, "scripts", "infra", "tests", "notebooks"} <= set(ignored), dockerfile
         copied = [line.split()[1:-1] for line in dockerfile.read_text().splitlines() if line.startswith("COPY ")]
         assert not [c for c in copied if any(part.startswith(WORKBENCH) for part in c)], dockerfile
+
+
+# ---------------------------------------------------------------- public APIs of the libraries only
+# Every tracked Python file and notebook code cell uses the libraries it stands on through their
+# public, documented API: no private module, no `_name` of a library object, no `_`-keyword, no
+# assignment to a library module's attribute (a monkeypatch), no subclass of a library's worker or
+# engine. A library release may move any of these without notice; a learner can look up none of them.
+OURS = {"ride_duration", "workbench", "benchmarks", "scripts", "tests", "lambda_function", "helpers", "conftest"}
+# A library class subclassed only to configure it is still its engine: these names mark one.
+ENGINE_NAMES = ("Worker", "Engine", "Runner", "JobConfiguration", "Arbiter", "Application")
+# Documented public API despite the underscore: namedtuple's methods (the underscore avoids field clashes).
+PUBLIC_UNDERSCORED = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}
+
+
+def _tracked(*patterns: str) -> list[Path]:
+    import subprocess
+
+    out = subprocess.run(["git", "ls-files", *patterns], cwd=REPO, capture_output=True, text=True, check=True)
+    return [REPO / line for line in out.stdout.splitlines() if (REPO / line).exists()]
+
+
+def _sources() -> list[tuple[str, ast.AST]]:
+    """(where, syntax tree) for each tracked .py file and each notebook code cell."""
+    import json
+    import sys
+
+    flags = ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    found = []
+    for path in _tracked("*.py"):
+        found.append((str(path.relative_to(REPO)), compile(path.read_text(), str(path), "exec", flags)))
+    for path in _tracked("*.ipynb"):
+        for number, cell in enumerate(json.loads(path.read_text())["cells"]):
+            if cell["cell_type"] != "code":
+                continue
+            source = "".join(cell["source"])
+            if source.lstrip().startswith("%%"):
+                continue  # a cell magic: the cell is not Python
+            # IPython line magics and shell escapes (with their continuation lines) are not Python.
+            lines, escaped = [], False
+            for line in source.splitlines():
+                escaped = escaped or line.lstrip().startswith(("%", "!"))
+                lines.append("" if escaped else line)
+                escaped = escaped and line.rstrip().endswith("\\")
+            where = f"{path.relative_to(REPO)} cell {number}"
+            found.append((where, compile("\n".join(lines), where, "exec", flags)))
+    assert found, sys.argv
+    return found
+
+
+def _is_library(module: str) -> bool:
+    import sys
+
+    top = module.split(".")[0]
+    return bool(top) and top not in OURS and top not in sys.stdlib_module_names
+
+
+def _is_module(name: str) -> bool:
+    """`from package import name` brought a module (not a function or class)?"""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _defined_private_names(trees) -> set[str]:
+    """Every `_name` this repository defines itself (functions, classes, attributes, arguments)."""
+    names = set()
+    for _, tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+    return {name for name in names if _private(name)}
+
+
+def library_api_findings() -> list[str]:
+    trees = _sources()
+    ours = _defined_private_names(trees)
+    findings = []
+    for where, tree in trees:
+        modules, library_names = set(), {}  # local name -> the library module it came from
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if _is_library(alias.name):
+                        if any(_private(part) for part in alias.name.split(".")):
+                            findings.append(f"{where}:{node.lineno} imports private module {alias.name}")
+                        local = alias.asname or alias.name.split(".")[0]
+                        modules.add(local)
+                        library_names[local] = alias.name
+            elif isinstance(node, ast.ImportFrom) and not node.level and _is_library(node.module or ""):
+                if any(_private(part) for part in node.module.split(".")):
+                    findings.append(f"{where}:{node.lineno} imports from private module {node.module}")
+                for alias in node.names:
+                    if _private(alias.name):
+                        findings.append(f"{where}:{node.lineno} imports private name {node.module}.{alias.name}")
+                    library_names[alias.asname or alias.name] = node.module
+                    if _is_module(f"{node.module}.{alias.name}"):
+                        modules.add(alias.asname or alias.name)
+        for node in ast.walk(tree):
+            private_read = isinstance(node, ast.Attribute) and _private(node.attr)
+            if private_read and node.attr not in PUBLIC_UNDERSCORED | ours:
+                findings.append(f"{where}:{node.lineno} reads private attribute .{node.attr} of a library object")
+            if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    root = target
+                    while isinstance(root, ast.Attribute):
+                        root = root.value
+                    if isinstance(target, ast.Attribute) and isinstance(root, ast.Name) and root.id in modules:
+                        findings.append(f"{where}:{node.lineno} assigns to {ast.unparse(target)} (a library module)")
+            if isinstance(node, ast.Call):
+                for keyword in node.keywords:
+                    if keyword.arg and _private(keyword.arg):
+                        findings.append(f"{where}:{node.lineno} passes private keyword {keyword.arg}=")
+                func = node.func
+                if (
+                    isinstance(func, ast.Attribute)
+                    and func.attr == "setattr"
+                    or (isinstance(func, ast.Name) and func.id == "setattr")
+                ):
+                    first = node.args[0] if node.args else None
+                    if isinstance(first, ast.Name) and first.id in modules:
+                        findings.append(f"{where}:{node.lineno} sets an attribute of library module {first.id}")
+                    if isinstance(first, ast.Constant) and isinstance(first.value, str) and _is_library(first.value):
+                        findings.append(f"{where}:{node.lineno} patches {first.value}")
+            if isinstance(node, ast.ClassDef):
+                for base in node.bases:
+                    root = base
+                    while isinstance(root, ast.Attribute):
+                        root = root.value
+                    if not (isinstance(root, ast.Name) and root.id in library_names):
+                        continue
+                    name = ast.unparse(base)
+                    module = library_names[root.id]
+                    if module.split(".")[0] == "prefect" or name.endswith(ENGINE_NAMES):
+                        findings.append(f"{where}:{node.lineno} class {node.name} subclasses {module}'s {name}")
+    return findings
+
+
+def test_public_apis_only():
+    assert library_api_findings() == []

@@ -32,6 +32,10 @@ S3_PORT = 4572  # SeaweedFS's S3 gateway (LocalStack's historic S3 port)
 MLFLOW_PORT = 5000
 PREFECT_PORT = 4200
 WEB_PORT = 9696
+# The web service's address: WEB_BIND, read by gunicorn.conf.py only (make serve,
+# `python -m ride_duration.web serve` and the image all start gunicorn with it).
+WEB_BIND = f"0.0.0.0:{WEB_PORT}"
+WEB_BODY_TIMEOUT = 10.0  # seconds for a request body to arrive (WEB_BODY_TIMEOUT): 128 KiB at 13 KB/s
 
 
 def repo_root() -> Path | None:
@@ -125,6 +129,18 @@ def load_env_file(path: str | os.PathLike | None = None) -> None:
         if candidate.is_file():
             load_dotenv(candidate, override=False)
             return
+
+
+def web_bind() -> str:
+    """Where the web service listens: WEB_BIND (`host:port`, `.env` too), default 0.0.0.0:9696."""
+    load_env_file()
+    return os.environ.get("WEB_BIND") or WEB_BIND
+
+
+def web_body_timeout() -> float:
+    """Seconds a request body may take to arrive before the service answers 408 (WEB_BODY_TIMEOUT)."""
+    load_env_file()
+    return float(os.environ.get("WEB_BODY_TIMEOUT") or WEB_BODY_TIMEOUT)
 
 
 def get_settings() -> Settings:

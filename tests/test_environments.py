@@ -58,7 +58,10 @@ def pipfile_pins(only_pyproject: bool = True) -> dict:
                 continue
             version = spec if isinstance(spec, str) else spec["version"]
             assert version.startswith("=="), f"{name} is not pinned in Pipfile"
-            assert norm(name) not in pins, f"{name} is in two Pipfile categories"
+            if section == "stream":  # the Lambda's own set repeats [packages]'s pins: it installs [stream] alone
+                assert pins.get(norm(name), version[2:]) == version[2:], f"{name}: [stream] and [packages] differ"
+            else:
+                assert norm(name) not in pins, f"{name} is in two Pipfile categories"
             if not (only_pyproject and norm(name) in PIPFILE_ONLY):
                 pins[norm(name)] = version[2:]
     return pins
@@ -79,7 +82,9 @@ def test_each_image_category_holds_its_own_packages():
     assert {"flask", "gunicorn", "gevent"} <= names["web"]
     assert {"prefect", "papermill", "pyarrow", "s3fs"} <= names["batch"]
     heavy = {"flask", "gunicorn", "gevent", "prefect", "papermill", "pyarrow", "s3fs"}
-    assert not heavy & (names["packages"] | names["stream"]), "the Lambda image installs packages + stream"
+    assert not heavy & names["packages"], "the web image installs packages + web"
+    # The Lambda image installs [stream] alone: the serving form's needs, boto3 is its base image's.
+    assert names["stream"] == {"numpy", "pyyaml", "python-dotenv"}
 
 
 def test_pipfile_lock_agrees_with_pins_and_constraints():
@@ -105,7 +110,10 @@ def test_pipfile_lock_agrees_with_pins_and_constraints():
 def test_environment_yml_installs_the_package_with_dev_extra():
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     deps = env["dependencies"]
-    assert "python=3.11" in deps
+    assert "python=3.11" in deps  # the course's workstation; the images run 3.12 (the Pipfile)
     pip = next(d["pip"] for d in deps if isinstance(d, dict))
     assert "-e .[dev]" in pip and "-c constraints.txt" in pip
-    assert (REPO / "Pipfile").read_text().count('python_version = "3.11"') == 1
+    # The Pipfile's Python is the images' (python:3.12-slim, public.ecr.aws/lambda/python:3.12).
+    assert (REPO / "Pipfile").read_text().count('python_version = "3.12"') == 1
+    for dockerfile in ("web-service", "streaming"):
+        assert ":3.12" in (REPO / "docker" / dockerfile / "Dockerfile").read_text().split("\nFROM ")[1].split()[0]

@@ -67,7 +67,7 @@ build: venv ## sdist + wheel into dist/, checked by twine
 	$(PY) -m build --outdir dist . && $(PY) -m twine check dist/*
 
 # --- part 3: web service -------------------------------------------------------
-serve: venv ## gunicorn on :9696 with the production model
+serve: venv ## gunicorn on WEB_BIND (default 0.0.0.0:9696) with the production model
 	$(PY) -m workbench.stack run -- $(PY) -m ride_duration.web serve
 predict: venv ## post the example ride to the web service
 	$(PY) scripts/predict_client.py --host localhost:9696

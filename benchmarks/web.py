@@ -28,7 +28,7 @@ from ride_duration.config import get_settings
 from ride_duration.features import EXAMPLE_RIDE
 from ride_duration.predict import make_prediction
 from ride_duration.registry import load_model
-from ride_duration.web.app import _new_app
+from ride_duration.web.app import new_app
 from workbench.gunicorn import GunicornServer
 from workbench.stack import free_port
 
@@ -165,7 +165,7 @@ def create_2022_app() -> Flask:
     request one `predict` call (its `predict.py`, with this project's request handling)."""
     model, version = load_model(settings=get_settings())
     model[-1].n_jobs = -1
-    app = _new_app("duration-prediction-2022")
+    app = new_app("duration-prediction-2022")
 
     @app.get("/health")
     def health():
@@ -181,7 +181,7 @@ def create_2022_app() -> Flask:
 
 def create_hello_app() -> Flask:
     """A hello-world endpoint with the service's app setup: the ceiling for Flask + gunicorn here."""
-    app = _new_app("hello")
+    app = new_app("hello")
 
     @app.get("/health")
     def health():

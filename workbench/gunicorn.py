@@ -37,7 +37,10 @@ class GunicornServer(Server):
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="gunicorn-", suffix=".log")
             os.close(fd)
-        cmd = gunicorn_command(app, bind=f"127.0.0.1:{port}", config=config, args=args)
+        bind = f"127.0.0.1:{port}"
+        cmd = gunicorn_command(app, config=config, args=args if config else ("--bind", bind, *args))
+        # With the repo's config, the address comes the way it does for `make serve` and the image: WEB_BIND.
+        env = {**(env or {}), "WEB_BIND": bind}
         # Without -c, gunicorn still reads ./gunicorn.conf.py: start it in a neutral folder then.
         cwd = None if "-c" in cmd else tempfile.gettempdir()
         super().__init__(cmd, ready_url=self.url + "/health", name="gunicorn", log_path=log_path, env=env, cwd=cwd)

@@ -1,8 +1,9 @@
 """The online deployment: a Flask app served by gunicorn (course part 3).
 
-- `app`: `create_app()`, `POST /predict`, `GET /health`, the request checks.
-- `worker`: the gevent worker with header and body deadlines (gunicorn.conf.py names it).
-- `server`: the command line that starts gunicorn (`python -m ride_duration.web serve`).
+- `app`: `create_app()`, `POST /predict`, `GET /health`, JSON errors.
+- `payload`: the request checks (size, body deadline, JSON, rides).
+- `server`: the command line that starts gunicorn (`python -m ride_duration.web serve`);
+  gunicorn.conf.py runs gunicorn's stock gevent worker (docs/web-service.md).
 
 gunicorn -c gunicorn.conf.py 'ride_duration.web:create_app()'
 """

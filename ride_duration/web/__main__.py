@@ -1,25 +1,26 @@
-"""`python -m ride_duration.web serve`: gunicorn with the repo's config on :9696."""
+"""`python -m ride_duration.web serve`: gunicorn with the repo's gunicorn.conf.py, on WEB_BIND."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..config import WEB_PORT
+from ..config import web_bind
 from .server import ServerError, serve
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ride_duration.web", description="Serve the ride duration model.")
     sub = parser.add_subparsers(dest="command", required=True)
-    cmd = sub.add_parser(
-        "serve", help="run gunicorn with gunicorn.conf.py (model from MODEL_URI / MODEL_ID / the registry)"
+    sub.add_parser(
+        "serve",
+        help="run gunicorn with gunicorn.conf.py on WEB_BIND (default 0.0.0.0:9696; "
+        "model from MODEL_URI / MODEL_ID / the registry)",
     )
-    cmd.add_argument("--host", default="0.0.0.0")
-    cmd.add_argument("--port", type=int, default=WEB_PORT)
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)
+    print(f"serving on {web_bind()} (WEB_BIND)", file=sys.stderr)
     try:
-        serve(args.host, args.port)
+        serve()
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

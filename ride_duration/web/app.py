@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import math
 
-from flask import Flask, jsonify, request
+from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..config import get_settings
+from ..config import get_settings, web_body_timeout
 from ..fastmodel import fast_model
 from ..predict import load_serving_model
 from .payload import (
@@ -58,9 +58,7 @@ def _json_errors(app: Flask) -> None:
         if exc.code == 405 and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         if exc.code == 413:
-            discard_body()
-        if exc.code in (408, 413):  # the rest of the body is unread: no keep-alive (the worker honours this)
-            response.headers["Connection"] = "close"
+            discard_body(current_app.config["BODY_TIMEOUT"])
         return response, status
 
     @app.errorhandler(Exception)
@@ -69,17 +67,22 @@ def _json_errors(app: Flask) -> None:
         return _error("internal error while predicting; see the service log", 500)
 
 
-def _new_app(name: str) -> Flask:
+def new_app(name: str, body_timeout: float | None = None) -> Flask:
+    """A Flask app with the service's request handling (limits, deadline, JSON errors), no routes.
+
+    body_timeout: seconds for a request body to arrive (default WEB_BODY_TIMEOUT, 10).
+    """
     app = Flask(name)
     app.config["MAX_CONTENT_LENGTH"] = MAX_CONTENT_LENGTH
+    app.config["BODY_TIMEOUT"] = web_body_timeout() if body_timeout is None else body_timeout
     app.json.sort_keys = False
     _json_errors(app)
 
     @app.before_request
     def body_first():
-        # Every body, even one we reject: a body left unread would be drained by
-        # gunicorn before the connection's next request (and stalled gthread).
-        read_body()
+        # Every body, even one we reject, within its deadline: a body left unread
+        # would be drained by gunicorn before the connection's next request.
+        read_body(app.config["BODY_TIMEOUT"])
 
     return app
 
@@ -99,7 +102,7 @@ def create_app(model=None, model_version: str | None = None, *, model_uri: str |
     version = str(model_version or "unknown")
     # What the model was trained on (files, sha256, synthetic or real), set by load_model; None if unknown.
     training_data = getattr(model, "training_data", None)
-    app = _new_app(APP_NAME)
+    app = new_app(APP_NAME)
 
     @app.get("/health")
     def health():

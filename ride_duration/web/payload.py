@@ -1,17 +1,20 @@
 """What a request to the service may carry: its size, its JSON, and the rides in it.
 
 The body is read whole before anything else (at most MAX_CONTENT_LENGTH bytes,
-chunked bodies included), parsed without building huge integers, and each ride
-held to the ride contract every deployment shares (`features.check_ride`).
+chunked bodies included, within a deadline, all the bytes its Content-Length
+announces), parsed without building huge integers, and each ride held to the ride
+contract every deployment shares (`features.check_ride`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+from contextlib import contextmanager
 
+import gevent
 from flask import request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, RequestTimeout
 
 from ..features import prepare_features
 
@@ -71,8 +74,25 @@ def validate_rides(payload) -> tuple[list[dict], bool]:
     return features, single
 
 
-def discard_body() -> None:
-    """Read and drop a too-large body (up to MAX_DISCARD bytes) before answering 413.
+@contextmanager
+def deadline(seconds: float):
+    """Reads inside must finish within `seconds`, else werkzeug's 408 RequestTimeout.
+
+    gunicorn's gevent worker bounds a request's headers (`keepalive`) but not its
+    body; gevent's Timeout interrupts the greenlet blocked in the body's read.
+    """
+    timer = gevent.Timeout(seconds)
+    try:
+        with timer:
+            yield
+    except gevent.Timeout as exc:
+        if exc is not timer:  # someone else's deadline
+            raise
+        raise RequestTimeout(f"the request body did not arrive within {seconds:g} s") from None
+
+
+def discard_body(seconds: float) -> None:
+    """Read and drop a too-large body (up to MAX_DISCARD bytes, within `seconds`) before answering 413.
 
     Closing a socket with unread data makes the kernel send a reset, and the
     client then sees "connection reset" instead of our JSON error.
@@ -81,26 +101,35 @@ def discard_body() -> None:
     length = request.content_length
     remaining = MAX_DISCARD if length is None else min(length, MAX_DISCARD)  # None: chunked, read to its end
     try:
-        while stream is not None and remaining > 0:
-            chunk = stream.read(min(remaining, 65536))
-            if not chunk:
-                break
-            remaining -= len(chunk)
-    except (OSError, ValueError, HTTPException):  # client gone or too slow (the worker's body deadline)
+        with deadline(seconds):
+            while stream is not None and remaining > 0:
+                chunk = stream.read(min(remaining, 65536))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+    except (OSError, ValueError, HTTPException):  # client gone or too slow
         pass
 
 
-def read_body() -> None:
-    """Read the whole body first, at most MAX_CONTENT_LENGTH bytes, else 413.
+def read_body(seconds: float) -> None:
+    """Read the whole body first, within `seconds` (else 408), at most
+    MAX_CONTENT_LENGTH bytes (else 413), all that its Content-Length announced (else 400).
 
     A chunked body has no Content-Length; werkzeug then stops at the limit and
     keeps what it read, so a too-large body would be cut and answered. Read one
-    byte more than the limit to tell.
+    byte more than the limit to tell. A body cut short by the client's half-close
+    reads as what arrived (gunicorn does not check it), which could be valid JSON.
     """
     environ = request.environ
-    if request.content_length is None and environ.get("wsgi.input_terminated"):
-        body = environ["wsgi.input"].read(MAX_CONTENT_LENGTH + 1)
-        if len(body) > MAX_CONTENT_LENGTH:
-            raise RequestEntityTooLarge()
-        environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
-    request.get_data()
+    with deadline(seconds):
+        if request.content_length is None and environ.get("wsgi.input_terminated"):
+            body = environ["wsgi.input"].read(MAX_CONTENT_LENGTH + 1)
+            if len(body) > MAX_CONTENT_LENGTH:
+                raise RequestEntityTooLarge()
+            environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+        body = request.get_data(cache=True)
+    announced = request.content_length
+    if announced is not None and len(body) < announced:
+        raise BadRequest(
+            f"the request body ended after {len(body)} of the {announced} bytes its Content-Length announced"
+        )

@@ -2,7 +2,7 @@
 
 The Flask development server is never used: gunicorn is the only way this
 package serves HTTP. The image runs gunicorn directly (its CMD), with the same
-gunicorn.conf.py.
+gunicorn.conf.py, which alone decides the address (WEB_BIND).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import WEB_PORT, repo_root
+from ..config import repo_root
 
 APP_SPEC = "ride_duration.web:create_app()"
 CONFIG_NAME = "gunicorn.conf.py"
@@ -29,10 +29,8 @@ def gunicorn_config_path() -> Path:
     raise ServerError(f"no {CONFIG_NAME} in the checkout or the current folder")
 
 
-def gunicorn_command(
-    app: str = APP_SPEC, *, bind: str | None = None, config: Path | None | bool = True, args: tuple = ()
-) -> list[str]:
-    """`python -m gunicorn -c gunicorn.conf.py [--bind ...] [args] APP`.
+def gunicorn_command(app: str = APP_SPEC, *, config: Path | None | bool = True, args: tuple = ()) -> list[str]:
+    """`python -m gunicorn -c gunicorn.conf.py [args] APP`.
 
     config=True: the repo's config; a path: that file; None/False: gunicorn's defaults.
     """
@@ -41,12 +39,10 @@ def gunicorn_command(
         config = gunicorn_config_path()
     if config:
         cmd += ["-c", str(config)]
-    if bind:
-        cmd += ["--bind", bind]
     return [*cmd, *args, app]
 
 
-def serve(host: str = "0.0.0.0", port: int = WEB_PORT, app: str = APP_SPEC) -> None:
-    """Replace this process with gunicorn (what `make serve` and the image run)."""
-    cmd = gunicorn_command(app, bind=f"{host}:{port}")
+def serve(app: str = APP_SPEC) -> None:
+    """Replace this process with gunicorn (what `make serve` runs), on WEB_BIND."""
+    cmd = gunicorn_command(app)
     os.execv(cmd[0], cmd)

@@ -5,7 +5,9 @@ same fitted forest (`serving/forest.json` + `serving/forest.npz`, see `fastmodel
 checked against the pipeline before it is registered. A service loads that form
 with boto3 + numpy only: no MLflow, scikit-learn or skops import, no forest rebuilt
 by skops (the Lambda's cold start). A model without it (older, or another model
-type) is loaded from its skops file by `registry.load_model`, as before.
+type) is loaded from its skops file by `registry.load_model`, as before, except where
+only the serving form may be served (`serving_form_only`: the Lambda image, which has
+numpy but no scikit-learn, skops or MLflow).
 """
 
 from __future__ import annotations
@@ -36,13 +38,22 @@ def make_prediction(model, rides) -> np.ndarray:
     return np.asarray(model.predict(features), dtype=float)
 
 
-def load_serving_model(model_uri: str | None, settings: Settings):
+def load_serving_model(model_uri: str | None, settings: Settings, *, serving_form_only: bool = False):
     """`(model, version)` for a service: the forest's serving form when the logged model
     has one, else the pipeline from its skops file. The model carries `training_data`
-    (the provenance recorded at training) and `source` ("serving form" or "skops")."""
+    (the provenance recorded at training) and `source` ("serving form" or "skops").
+
+    `serving_form_only`: a model without the serving form is refused (ModelNotFound, one
+    sentence) instead of being loaded with scikit-learn and skops."""
     uri = model_uri or default_model_uri(settings)
-    location = artifact_location(uri, settings) if uri.startswith(REGISTRY_SCHEMES) else uri
+    location = _registry_location(uri, settings) if uri.startswith(REGISTRY_SCHEMES) else uri
     files = _serving_files(location, settings) if location else None
+    if files is None and serving_form_only:
+        raise ModelNotFound(
+            f"model {uri} has no serving form ({SERVING_DIR}/{' and '.join(FILES)} beside its MLmodel file), "
+            "the only form the stream function serves: train and log it with `make train`, which stores one, "
+            "and deploy that model"
+        )
     if files is None:
         model, version = load_model(uri, settings=settings)
         model.source = "skops"
@@ -58,6 +69,16 @@ def load_serving_model(model_uri: str | None, settings: Settings):
     version = version_of(info, uri)
     log.info("loaded the serving form of %s (version %s)", uri, version)
     return model, version
+
+
+def _registry_location(uri: str, settings: Settings) -> str | None:
+    try:
+        return artifact_location(uri, settings)
+    except ImportError as exc:  # an image without MLflow (the Lambda's) cannot ask a registry
+        raise ModelNotFound(
+            f"model {uri} is a registry reference, which needs MLflow ({exc.name} is not installed here): "
+            "set MODEL_ID and EXPERIMENT_ID (or MODEL_URI to the model's s3:// folder) instead"
+        ) from None
 
 
 def _serving_files(location: str, settings: Settings) -> tuple[bytes, bytes, bytes] | None:

@@ -4,7 +4,7 @@ that reports failures is checkpointed just before its lowest failed
 sequence number and retried from that record on, later successes included;
 an empty, null or unknown `itemIdentifier`, or a handler that raises, fails
 the whole batch; after `--max-retries` retries the failed part goes to the
-on-failure destination (an S3 object under `failures/`) and the runner moves
+on-failure destination (an S3 object under `failures/<stream>/<created>/`) and the runner moves
 on. The checkpoint names the stream's incarnation (ARN + creation time): a
 stream created again under the same name (a restart of the local Kinesis),
 or a checkpoint beyond the shard's last record, is read from TRIM_HORIZON
@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -252,6 +253,7 @@ class EventSourceRunner:
         self.sleep = sleep
         self.region = settings.aws_region
         self.stream_arn = None
+        self.stream_created = ""  # the incarnation's creation time, compact: part of failed batches' keys
         self._follow_stream()
         self.stats = RunStats()
 
@@ -260,7 +262,9 @@ class EventSourceRunner:
         """Bind the checkpoint to the stream as it is now; True if it is a new incarnation."""
         summary = self.client.describe_stream_summary(StreamName=self.stream_name)["StreamDescriptionSummary"]
         self.stream_arn = summary["StreamARN"]
-        return self.checkpoint.bind(stream_identity(summary))
+        identity = stream_identity(summary)
+        self.stream_created = re.sub(r"[^0-9A-Za-z]", "", identity["created"].partition("+")[0])
+        return self.checkpoint.bind(identity)
 
     def _iterator(self, shard_id: str) -> str:
         seq = self.checkpoint.get(shard_id)
@@ -367,8 +371,12 @@ class EventSourceRunner:
 
     def _send_to_failure_destination(self, shard_id: str, failed: list[dict]) -> None:
         first, last = failed[0]["kinesis"], failed[-1]["kinesis"]
-        # Deterministic key: a restart that re-sends the same failures overwrites, not duplicates.
-        key = f"{FAILURE_PREFIX}/{self.stream_name}/{shard_id}/{first['sequenceNumber']}-{last['sequenceNumber']}.json"
+        # Deterministic key: a restart that re-sends the same failures overwrites, not duplicates; the stream's
+        # creation time keeps a stream created again under the same name (numbered from 1 again) apart.
+        key = (
+            f"{FAILURE_PREFIX}/{self.stream_name}/{self.stream_created}/{shard_id}/"
+            f"{first['sequenceNumber']}-{last['sequenceNumber']}.json"
+        )
         body = {
             "requestContext": {"condition": "RetryAttemptsExhausted", "approximateInvokeCount": self.max_retries + 1},
             "timestamp": datetime.now(UTC).isoformat(),

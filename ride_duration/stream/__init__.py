@@ -13,7 +13,8 @@ for Kinesis event sources, followed here:
   outside the contract of `utils.check_ride`, a ride the model fails on) is
   written ONCE to the dead-letter location, `DEAD_LETTER_URI` (default
   `s3://<PREDICTIONS_BUCKET>/dead-letter/<INPUT_STREAM_NAME>/`), one object per
-  record at `<shardId>/<sequenceNumber>.json` (a retried batch overwrites it),
+  record at `<shardId>/<arrival time>-<sequenceNumber>.json` (a retried batch
+  overwrites it; a stream created again under the same name never does),
   with the record's `kinesis` fields as received, the reason and the time; it
   is NOT retried, so it is not in `batchItemFailures`;
 - a transient fault (prediction events still refused by `put_records` after

@@ -106,9 +106,18 @@ def _records(event) -> list:
     return event["Records"]
 
 
-def prediction_event(ride_id, duration: float, version) -> dict:
-    return {
+def record_source(record: dict) -> dict:
+    """The Kinesis record a prediction event answers. A retried batch repeats it (the same record
+    again: a duplicate a consumer drops); a second request for the same ride is another record."""
+    return {"event_id": record.get("eventID"), "sequence_number": sequence_number(record)}
+
+
+def prediction_event(ride_id, duration: float, version, source: dict | None = None) -> dict:
+    event = {
         "model": MODEL_LABEL,
         "version": version,
         "prediction": {"ride_duration": float(duration), "ride_id": ride_id},
     }
+    if source is not None:
+        event["source"] = source
+    return event

@@ -12,9 +12,10 @@ _SERVICE: ModelService | None = None
 
 
 def build_service(settings: Settings, model_uri: str | None = None) -> ModelService:
-    """Load the model (`model_uri`, else as configured); attach the stream writer and the dead
-    letters unless TEST_RUN."""
-    model, version = load_serving_model(model_uri, settings)
+    """Load the model (`model_uri`, else as configured) in its serving form, the only form the
+    Lambda image can load (no scikit-learn, skops or MLflow there); attach the stream writer and
+    the dead letters unless TEST_RUN."""
+    model, version = load_serving_model(model_uri, settings, serving_form_only=True)
     if settings.test_run:  # no side effects: predictions returned, dead letters only logged
         return ModelService(model, version)
     return ModelService(

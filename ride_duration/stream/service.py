@@ -8,7 +8,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import BadRecord, InvalidEvent, _records, _short, decode_record, prediction_event, sequence_number
+from .codec import (
+    BadRecord,
+    InvalidEvent,
+    _records,
+    _short,
+    decode_record,
+    prediction_event,
+    record_source,
+    sequence_number,
+)
 from .writer import PutRecordsFailed
 
 log = logging.getLogger(__name__)
@@ -104,7 +113,7 @@ class ModelService:
             if item.reason is not None:
                 continue
             if math.isfinite(duration):
-                item.event = prediction_event(item.ride_id, duration, self.version)
+                item.event = prediction_event(item.ride_id, duration, self.version, record_source(item.record))
             else:  # not JSON, and no duration at all
                 item.reason = f"the model predicted {duration!r} minutes for this ride"
 

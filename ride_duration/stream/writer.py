@@ -96,15 +96,27 @@ class KinesisWriter:
         )
 
 
+def arrival_stamp(timestamp) -> str:
+    """A record's `approximateArrivalTimestamp` (epoch seconds) as `YYYYMMDDTHHMMSS.mmmZ`, so keys sort
+    by arrival; `unknown-arrival` when a hand-made record has none."""
+    try:
+        moment = datetime.fromtimestamp(float(timestamp), UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "unknown-arrival"
+    return moment.strftime("%Y%m%dT%H%M%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 class S3DeadLetters:
     """Stores each record that can never be scored in S3, one object per record.
 
-    Key `<prefix><shardId>/<sequenceNumber>.json`: the record's own position,
-    so a batch retried after a transient fault overwrites the object rather
-    than adding a second one. Body: the reason, the time, and the record as
-    received (`kinesis` fields with `data` still base64, `eventID`,
-    `eventSourceARN`). A failed write raises: the handler reports the record
-    for a retry, it is not lost.
+    Key `<prefix><shardId>/<arrival>-<sequenceNumber>.json`, `<arrival>` the record's
+    `approximateArrivalTimestamp` (UTC, to the millisecond): both belong to the record, so a
+    batch retried after a transient fault overwrites the object rather than adding a second
+    one; and a stream created again under the same name, which numbers its records from the
+    start again (the local Kinesis after a restart), never reuses a key, since its records
+    arrive later. Body: the reason, the time, and the record as received (`kinesis` fields
+    with `data` still base64, `eventID`, `eventSourceARN`). A failed write raises: the
+    handler reports the record for a retry, it is not lost.
     """
 
     def __init__(self, uri: str, client):
@@ -116,8 +128,9 @@ class S3DeadLetters:
         # eventID is "<shardId>:<sequenceNumber>"; keep keys to safe characters whatever a hand-made event holds.
         shard = str(record.get("eventID") or "").partition(":")[0] or "unknown-shard"
         seq = str(record["kinesis"]["sequenceNumber"])
-        safe = [re.sub(r"[^A-Za-z0-9_-]", "_", part)[:128] for part in (shard, seq)]
-        return f"{self.prefix}{safe[0]}/{safe[1]}.json"
+        arrival = arrival_stamp(record["kinesis"].get("approximateArrivalTimestamp"))
+        safe = [re.sub(r"[^A-Za-z0-9_.-]", "_", part)[:128] for part in (shard, arrival, seq)]
+        return f"{self.prefix}{safe[0]}/{safe[1]}-{safe[2]}.json"
 
     def __call__(self, record: dict, reason: str) -> str:
         body = {

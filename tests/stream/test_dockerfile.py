@@ -6,10 +6,14 @@ accepts (`pipenv verify`) and pins the versions this environment was tested
 with; the COPYed files alone build the package, which installs with
 `--no-deps` into a fresh venv (no system site-packages, the repo's editable
 install invisible) where `lambda_function.lambda_handler` imports from it.
-Then the image's own pip/pipenv steps (`--categories "packages stream"`) are
-replayed into another fresh venv: no web server, Prefect or papermill there, and
-the handler loads the session's model from S3 and answers the course's event.
-NOT verified: the image build itself (the base image's Python is not this one).
+Then the image's own pip/pipenv steps (`--categories "stream"`) are replayed into
+another fresh venv of the base image's Python (3.12), beside boto3 as the base image
+carries it: no pandas, scikit-learn, MLflow, web server or Prefect there, at most
+LAMBDA_PACKAGES_MB of the function's own packages, and the handler loads the session's
+model's serving form from S3, answers the course's event and writes nothing outside
+/tmp; a model without a serving form is refused in one sentence.
+NOT verified: the image build itself (tests/test_packaging.py checks that its pins have
+wheels for the base image's Python and glibc).
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ import pytest
 from .conftest import REPO
 
 DOCKERFILE = REPO / "docker" / "streaming" / "Dockerfile"
+# The Lambda base image's Python (public.ecr.aws/lambda/python:3.12), installed beside this one.
+BASE_PYTHON = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"), "versions", "3.12.1", "bin", "python3.12")
+# What the base image carries that the function uses: boto3 (and botocore, its dependencies).
+BASE_PACKAGES = ("boto3",)
+LAMBDA_PACKAGES_MB = 150  # the function's own installed packages
+HEAVY = ("pandas", "sklearn", "scipy", "mlflow", "skops", "pyarrow")
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -55,12 +65,14 @@ def copies(path: Path) -> list[tuple[list[str], str]]:
 
 def test_base_image_cmd_and_install_steps():
     steps = instructions(DOCKERFILE)
-    assert steps[0] == ("FROM", "public.ecr.aws/lambda/python:3.11")
+    assert steps[0] == ("FROM", "public.ecr.aws/lambda/python:3.12")
     assert steps[-1] == ("CMD", '["lambda_function.lambda_handler"]')
     runs = [rest for keyword, rest in steps if keyword == "RUN"]
     # pipenv pinned to the version that verified the lock here (same as the web image)
     assert any(f"pip install --no-cache-dir pipenv=={version('pipenv')}" in r for r in runs)
-    assert any('pipenv install --system --deploy --categories "packages stream"' in r for r in runs)
+    assert any('pipenv install --system --deploy --categories "stream"' in r for r in runs)
+    env = " ".join(rest for keyword, rest in steps if keyword == "ENV")
+    assert "HOME=/tmp" in env and "MLFLOW_DISABLE_TELEMETRY=true" in env
     assert any("pip install" in r and "--no-deps /build" in r for r in runs)
     assert (["docker/streaming/lambda_function.py"], "${LAMBDA_TASK_ROOT}/") in copies(DOCKERFILE)
 
@@ -199,11 +211,32 @@ def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path
 
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory):
-    """The Dockerfile's COPY and pip/pipenv RUN steps replayed into a fresh venv."""
+    """The Dockerfile's COPY and pip/pipenv RUN steps replayed into a fresh venv of the base image's
+    Python, which sees boto3 (the lock's pin) in a folder of its own, as the base image has it."""
+    if not BASE_PYTHON.is_file():
+        pytest.skip(f"the Lambda base image's Python is not installed here ({BASE_PYTHON})")
     root = tmp_path_factory.mktemp("lambda-image")
-    fresh, task_root = root / "venv", root / "var" / "task"
+    fresh, task_root, base_site = root / "venv", root / "var" / "task", root / "var" / "runtime"
     task_root.mkdir(parents=True)
-    venv.create(fresh, with_pip=True, system_site_packages=False)
+    subprocess.run([str(BASE_PYTHON), "-m", "venv", str(fresh)], check=True, timeout=300)
+    lock = json.loads((REPO / "Pipfile.lock").read_text())
+    base_pins = [f"{name}{lock['default'][name]['version']}" for name in BASE_PACKAGES]
+    subprocess.run(
+        [str(fresh / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "--target", str(base_site)]
+        + base_pins,
+        check=True,
+        timeout=600,
+    )
+    site = Path(
+        subprocess.run(
+            [str(fresh / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    (site / "lambda_runtime.pth").write_text(f"{base_site}\n")
+    before = _dists(site)  # pip, which the base image has too
     env = {
         **{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIPENV_ACTIVE", "PIP_REQUIRE_VIRTUALENV")},
         "PATH": f"{fresh / 'bin'}{os.pathsep}{os.environ['PATH']}",
@@ -238,7 +271,38 @@ def image_venv(tmp_path_factory):
                     shlex.split(step), cwd=task_root, env=env, capture_output=True, text=True, timeout=900, check=False
                 )
                 assert done.returncode == 0, f"RUN {step}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return {"python": fresh / "bin" / "python", "task_root": task_root, "env": env}
+    return {
+        "python": fresh / "bin" / "python",
+        "task_root": task_root,
+        "env": env,
+        "root": root,
+        "site": site,
+        "own": sorted(_dists(site) - before),
+    }
+
+
+def _dists(site: Path) -> set[str]:
+    return {path.name for path in site.iterdir() if path.name.endswith(".dist-info")}
+
+
+def _size_mb(site: Path, dists: list[str]) -> float:
+    """Installed size of these distributions: the files their RECORD lists."""
+    total = 0
+    for dist in dists:
+        for line in (site / dist / "RECORD").read_text().splitlines():
+            path = site / line.split(",")[0]
+            if path.is_file():
+                total += path.stat().st_size
+    return total / 1e6
+
+
+def test_image_install_is_lean(image_venv):
+    """The function's own packages, beside the base image's Python and boto3: the serving form's needs."""
+    own = image_venv["own"]
+    names = {re.sub(r"-[^-]+\.dist-info$", "", d).lower().replace("_", "-") for d in own}
+    assert {"numpy", "pyyaml", "python-dotenv", "ride-duration-prediction"} <= names
+    assert not names & {"pandas", "scikit-learn", "scipy", "mlflow-skinny", "skops", "boto3", "botocore"}
+    assert _size_mb(image_venv["site"], own) <= LAMBDA_PACKAGES_MB, (own, _size_mb(image_venv["site"], own))
 
 
 def test_image_install_has_the_handler_and_nothing_of_web_or_batch(image_venv):
@@ -246,7 +310,7 @@ def test_image_install_has_the_handler_and_nothing_of_web_or_batch(image_venv):
         "import importlib.util, json, lambda_function, ride_duration.stream as s;"
         "print(json.dumps({'file': s.__file__, 'same': lambda_function.lambda_handler is s.lambda_handler,"
         " 'absent': [m for m in ('prefect', 'papermill', 'gunicorn', 'gevent', 'flask', 'pyarrow', 's3fs',"
-        " 'pipenv', 'pytest', 'moto', 'workbench', 'benchmarks')"
+        " 'pipenv', 'pytest', 'moto', 'workbench', 'benchmarks', 'pandas', 'sklearn', 'mlflow', 'skops')"
         " if importlib.util.find_spec(m) is None]}))"
     )
     out = subprocess.run(
@@ -275,37 +339,84 @@ def test_image_install_has_the_handler_and_nothing_of_web_or_batch(image_venv):
         "moto",
         "workbench",
         "benchmarks",
+        "pandas",
+        "sklearn",
+        "mlflow",
+        "skops",
     ]
 
 
-def test_image_install_loads_the_model_from_s3_and_answers_the_course_event(
-    image_venv, stack, trained_model, canonical_event
-):
-    """The container's cold path: MODEL_ID + EXPERIMENT_ID (straight from S3 through
-    mlflow-skinny and boto3), TEST_RUN so predictions are returned, not written."""
-    logged = trained_model["logged"]
-    env = {
-        **image_venv["env"],
-        **stack.env(),
-        "MODEL_ID": logged.model_id,
-        "EXPERIMENT_ID": str(logged.experiment_id),
-        "TEST_RUN": "True",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    }
-    env.pop("MODEL_URI", None)
-    run = "import json, sys, lambda_function; print(json.dumps(lambda_function.lambda_handler(json.load(sys.stdin), None)))"
-    out = subprocess.run(
+def _files(*folders: Path) -> dict:
+    return {path: path.stat().st_mtime_ns for folder in folders for path in folder.rglob("*")}
+
+
+def _run_handler(image_venv, env: dict, event: dict) -> subprocess.CompletedProcess:
+    run = (
+        "import json, sys, lambda_function;"
+        "response = lambda_function.lambda_handler(json.load(sys.stdin), None);"
+        f"response['heavy'] = [m for m in {HEAVY!r} if m in sys.modules];"
+        "print(json.dumps(response))"
+    )
+    return subprocess.run(
         [str(image_venv["python"]), "-c", run],
         cwd=image_venv["task_root"],
         env=env,
-        input=json.dumps(canonical_event),
+        input=json.dumps(event),
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def test_image_install_loads_the_model_from_s3_and_answers_the_course_event(
+    image_venv, stack, trained_model, canonical_event, tmp_path
+):
+    """The container's cold path: MODEL_ID + EXPERIMENT_ID (the serving form straight from S3 with
+    boto3 and numpy), TEST_RUN so predictions are returned, not written; HOME=/tmp as in the image,
+    and nothing written anywhere else (the installed packages and the task root are unchanged)."""
+    logged = trained_model["logged"]
+    home = tmp_path / "tmp"
+    home.mkdir()
+    env = {
+        **image_venv["env"],
+        **stack.env(),
+        "HOME": str(home),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "MODEL_ID": logged.model_id,
+        "EXPERIMENT_ID": str(logged.experiment_id),
+        "TEST_RUN": "True",
+    }
+    env.pop("MODEL_URI", None)
+    before = _files(image_venv["root"])
+    out = _run_handler(image_venv, env, canonical_event)
     assert out.returncode == 0, out.stderr[-3000:]
-    (prediction,) = json.loads(out.stdout.strip().splitlines()[-1])["predictions"]
+    response = json.loads(out.stdout.strip().splitlines()[-1])
+    (prediction,) = response["predictions"]
     assert prediction["version"] == logged.run_id
     assert prediction["prediction"]["ride_id"] == 256
     assert 1 <= prediction["prediction"]["ride_duration"] <= 60
+    assert prediction["source"]["sequence_number"] == canonical_event["Records"][0]["kinesis"]["sequenceNumber"]
+    assert response["heavy"] == []  # the serving form needs none of them
+    assert _files(image_venv["root"]) == before
+
+
+@pytest.mark.parametrize(
+    "uri, sentence",
+    [
+        ("{folder}", "has no serving form"),
+        ("models:/NYCRideDurationModel@production", "is a registry reference, which needs MLflow"),
+    ],
+    ids=["no-serving-form", "registry"],
+)
+def test_image_install_refuses_a_model_it_cannot_serve(image_venv, canonical_event, tmp_path, uri, sentence):
+    """A model without the serving form (only MLmodel and the skops file) is refused at start, in one sentence."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("run_id: 0123\n")
+    (folder / "model.skops").write_bytes(b"not read")
+    env = {**image_venv["env"], "HOME": str(tmp_path), "MODEL_URI": uri.format(folder=folder), "TEST_RUN": "True"}
+    out = _run_handler(image_venv, env, canonical_event)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ride_duration.registry.ModelNotFound: model ") and sentence in last, last

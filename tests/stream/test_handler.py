@@ -26,10 +26,13 @@ def test_canonical_event_stub_model(canonical_event, stub_model):
     written = []
     service = ModelService(stub_model, "v1", callbacks=[written.append])
     response = service.lambda_handler(canonical_event, None)
+    record = canonical_event["Records"][0]
     expected = {
         "model": "ride_duration_prediction_model",
         "version": "v1",
         "prediction": {"ride_duration": 3.66, "ride_id": 256},
+        # the source record: a retry repeats it, a second request for ride 256 would not
+        "source": {"event_id": record["eventID"], "sequence_number": record["kinesis"]["sequenceNumber"]},
     }
     assert response == {"predictions": [expected]}  # no batchItemFailures key when all succeed
     assert written == [[expected]]
@@ -259,7 +262,7 @@ def test_constant_handler(canonical_event):
 def test_model_loaded_once_per_container(monkeypatch, canonical_event, stub_model):
     loads = []
 
-    def fake_load(uri, settings):
+    def fake_load(uri, settings, **options):
         loads.append(uri)
         return stub_model, "run-x"
 

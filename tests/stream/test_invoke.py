@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from unittest.mock import ANY
 
 import pytest
 import requests
@@ -45,6 +46,7 @@ def test_course_test_docker_script(invoke_url, trained_model):
                 "model": "ride_duration_prediction_model",
                 "version": trained_model["logged"].run_id,
                 "prediction": {"ride_duration": pytest.approx(expected_minutes(trained_model)), "ride_id": 256},
+                "source": {"event_id": ANY, "sequence_number": ANY},
             }
         ]
     }

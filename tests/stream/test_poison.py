@@ -12,9 +12,12 @@ import json
 from collections import Counter
 from datetime import datetime
 
+from ride_duration.aws import kinesis_client
 from ride_duration.config import get_settings
 from ride_duration.stream import build_service
+from ride_duration.stream.writer import arrival_stamp
 from workbench.event_source import Checkpoint, EventSourceRunner
+from workbench.stack import LocalStack, free_port
 from workbench.streams import read_dead_letters, read_stream
 
 from .helpers import put_payloads, ride_payload
@@ -81,7 +84,8 @@ def test_poisoned_records_in_a_100_record_batch(trained_model, kinesis, s3, sett
     for i, (data, reason) in POISONED.items():
         letter = letters[seqs[i]]
         assert reason in letter["reason"], (i, letter["reason"])
-        assert letter["uri"] == f"{prefix}shardId-000000000000/{seqs[i]}.json"
+        arrival = arrival_stamp(letter["kinesis"]["approximateArrivalTimestamp"])
+        assert letter["uri"] == f"{prefix}shardId-000000000000/{arrival}-{seqs[i]}.json"
         assert letter["eventID"] == f"shardId-000000000000:{seqs[i]}"
         expected = "%%% not base64 %%%" if data == CORRUPT else base64.b64encode(data).decode()
         assert letter["kinesis"]["data"] == expected  # as received
@@ -91,3 +95,39 @@ def test_poisoned_records_in_a_100_record_batch(trained_model, kinesis, s3, sett
     again = EventSourceRunner(handler, streams["input"], checkpoint=Checkpoint(tmp_path / "again.json"))
     assert again.run(once=True).records == n
     assert len(read_dead_letters(prefix)) == len(POISONED)
+
+
+def test_dead_letters_of_two_stream_incarnations_are_both_kept(
+    trained_model, stack, s3, settings, tmp_path, monkeypatch
+):
+    """The local Kinesis restarted between two poison records: the second stream numbers its records from 1
+    again, yet its dead letter is stored beside the first one, not over it."""
+    kinesis_only = LocalStack(
+        local_dir=tmp_path / "stack",
+        ports={**stack.ports, "kinesis": free_port()},
+        streams=("rides-restarted", "preds-restarted"),
+        quiet=True,
+    )
+    monkeypatch.setenv("AWS_ENDPOINT_URL", kinesis_only.url("kinesis"))
+    monkeypatch.setenv("INPUT_STREAM_NAME", "rides-restarted")
+    monkeypatch.setenv("PREDICTIONS_STREAM_NAME", "preds-restarted")
+    prefix = get_settings().dead_letter_prefix
+    letters = []
+    try:
+        for reason, poison in (("not JSON", b"this is not JSON"), ("zone id", ride_bytes(1, PULocationID=0))):
+            kinesis_only.up(("kinesis",))  # a new moto: the streams created empty, numbered from 1
+            (seq,) = put_payloads(kinesis_client(get_settings()), "rides-restarted", [poison])
+            runner = EventSourceRunner(
+                build_service(get_settings()).lambda_handler,
+                "rides-restarted",
+                checkpoint=Checkpoint(tmp_path / "cp.json"),
+            )
+            assert runner.run(once=True).dead_letters == 1
+            letters.append((seq, reason))
+            kinesis_only.stop("kinesis")
+    finally:
+        kinesis_only.down()
+    assert letters[0][0] == letters[1][0]  # the same sequence number in both incarnations
+    stored = read_dead_letters(prefix)
+    assert len(stored) == 2
+    assert [reason in letter["reason"] for letter, (_, reason) in zip(stored, letters)] == [True, True]

@@ -9,19 +9,28 @@
 #   scripts/aws.sh destroy   # delete the stack (the two buckets are kept: they hold models and predictions)
 #
 # Settings (environment; the package's own names where it has one):
-#   STACK_NAME (ride-duration-stream), AWS_REGION or AWS_DEFAULT_REGION (eu-west-1),
-#   MLFLOW_BUCKET, PREDICTIONS_BUCKET (bucket names are global: choose your own), CREATE_BUCKETS (true),
-#   INPUT_STREAM_NAME, PREDICTIONS_STREAM_NAME, MODEL_ID + EXPERIMENT_ID (the model the function serves),
-#   IMAGE_TAG (v2), NO_BUILD=1 (deploy the image already pushed as IMAGE_TAG), PARAMS="Key=Value ..." (any other
-#   template parameter, e.g. "InputShardCount=2 MemorySize=2048"), DRY_RUN=1 (print the commands, run none).
+#   STACK_NAME (ride-duration-stream), AWS_REGION or AWS_DEFAULT_REGION (else your profile's region, else eu-west-1),
+#   MLFLOW_BUCKET, PREDICTIONS_BUCKET (default: ride-duration-{models,predictions}-<account>-<region>),
+#   CREATE_BUCKETS (true), INPUT_STREAM_NAME, PREDICTIONS_STREAM_NAME, MODEL_ID + EXPERIMENT_ID (the model the
+#   function serves: it must have its serving form), IMAGE_TAG (the git commit; tags are immutable),
+#   NO_BUILD=1 (deploy the image already pushed as IMAGE_TAG), PARAMS="Key=Value ..." (any other template
+#   parameter, e.g. "InputShardCount=2 MemorySize=2048"), DRY_RUN=1 (print the commands, run none).
 # With AWS_ENDPOINT_URL set (python -m workbench.stack env), every command goes to that endpoint, not to AWS.
+# Runs on macOS's bash 3.2: no mapfile, no ${x^^}, no associative arrays.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TEMPLATE=infra/stream.yaml
 STACK="${STACK_NAME:-ride-duration-stream}"
-export AWS_DEFAULT_REGION="${AWS_REGION:-${AWS_DEFAULT_REGION:-eu-west-1}}"
-TAG="${IMAGE_TAG:-v2}"
+region="${AWS_REGION:-${AWS_DEFAULT_REGION:-}}"
+if [[ -z "$region" ]]; then region=$(aws configure get region 2>/dev/null || true); fi
+export AWS_DEFAULT_REGION="${region:-eu-west-1}"
+# Unique per push (the repository's tags are immutable): the commit, and the time when the tree has edits.
+TAG="${IMAGE_TAG:-}"
+if [[ -z "$TAG" ]]; then
+    TAG=$(git rev-parse --short=12 HEAD 2>/dev/null || date -u +%Y%m%d%H%M%S)
+    if [[ -n "$(git status --porcelain 2>/dev/null)" ]]; then TAG="$TAG-dirty-$(date -u +%Y%m%d%H%M%S)"; fi
+fi
 DRY="${DRY_RUN:-}"
 exists=""  # whether the stack exists: yes, no, or not asked yet
 
@@ -43,11 +52,31 @@ query() {
     fi
 }
 
+# Lines of output into the array named $1 (bash 3.2 has no mapfile).
+lines_into() {
+    local __name=$1 __line
+    shift
+    eval "$__name=()"
+    while IFS= read -r __line; do eval "$__name+=(\"\$__line\")"; done < <("$@")
+}
+
+account() { query '<account>' aws sts get-caller-identity --query Account --output text; }
+
 # Template parameters from the environment: only those set, so an update keeps the stack's other values.
+# A new stack's buckets default to names of this account and region (bucket names are global).
 overrides() {
     local -a out=()
+    local mode=$1 suffix=""
+    shift
+    if [[ $mode == create && ( -z "${MLFLOW_BUCKET:-}" || -z "${PREDICTIONS_BUCKET:-}" ) ]]; then
+        suffix="$(account)-$AWS_DEFAULT_REGION"
+    fi
     if [[ -n "${MLFLOW_BUCKET:-}" ]]; then out+=("ModelBucketName=$MLFLOW_BUCKET"); fi
     if [[ -n "${PREDICTIONS_BUCKET:-}" ]]; then out+=("PredictionsBucketName=$PREDICTIONS_BUCKET"); fi
+    if [[ -n "$suffix" && -z "${MLFLOW_BUCKET:-}" ]]; then out+=("ModelBucketName=ride-duration-models-$suffix"); fi
+    if [[ -n "$suffix" && -z "${PREDICTIONS_BUCKET:-}" ]]; then
+        out+=("PredictionsBucketName=ride-duration-predictions-$suffix")
+    fi
     if [[ -n "${CREATE_BUCKETS:-}" ]]; then out+=("CreateBuckets=$CREATE_BUCKETS"); fi
     if [[ -n "${INPUT_STREAM_NAME:-}" ]]; then out+=("InputStreamName=$INPUT_STREAM_NAME"); fi
     if [[ -n "${PREDICTIONS_STREAM_NAME:-}" ]]; then out+=("PredictionsStreamName=$PREDICTIONS_STREAM_NAME"); fi
@@ -66,16 +95,36 @@ target() {
     if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
         say "target: $AWS_ENDPOINT_URL (AWS_ENDPOINT_URL is set: not AWS), stack $STACK, region $AWS_DEFAULT_REGION"
     else
-        say "target: AWS account $(query '<account>' aws sts get-caller-identity --query Account --output text)," \
+        say "target: AWS account $(account)," \
             "stack $STACK, region $AWS_DEFAULT_REGION"
     fi
 }
 
-# Asked of CloudFormation once per run, then known (a run that creates the stack records it).
+# Asked of CloudFormation once per run, then known (a run that creates the stack records it). A stack AWS
+# will not update (a failed first deployment, a change set never executed) is deleted first, with a sentence.
 stack_exists() {
+    local status=""
     if [[ -z "$exists" ]]; then
         exists=no
-        if [[ -z "$DRY" ]] && aws cloudformation describe-stacks --stack-name "$STACK" >/dev/null 2>&1; then exists=yes; fi
+        if [[ -z "$DRY" ]]; then
+            status=$(aws cloudformation describe-stacks --stack-name "$STACK" --query 'Stacks[0].StackStatus' \
+                --output text 2>/dev/null || true)
+        fi
+        case "$status" in
+            "") ;;
+            ROLLBACK_COMPLETE | REVIEW_IN_PROGRESS)
+                if [[ $status == ROLLBACK_COMPLETE ]]; then
+                    say "stack $STACK is in ROLLBACK_COMPLETE: its first deployment failed (its events say why) and AWS" \
+                        "accepts no update of it, so it is deleted and created again"
+                else
+                    say "stack $STACK is in REVIEW_IN_PROGRESS: a change set created it and was never executed" \
+                        "(e.g. an interrupted plan), so the empty stack is deleted and created again"
+                fi
+                run aws cloudformation delete-stack --stack-name "$STACK"
+                run aws cloudformation wait stack-delete-complete --stack-name "$STACK"
+                ;;
+            *) exists=yes ;;
+        esac
     fi
     [[ $exists == yes ]]
 }
@@ -100,7 +149,7 @@ cfn_params() {
         [[ -n "$key" ]] || continue
         given+=("$key")
         echo "ParameterKey=$key,ParameterValue=$value"
-    done < <(overrides "$@")
+    done < <(overrides "$existing" "$@")
     if [[ $existing == update && -z "$DRY" ]]; then
         while IFS=$'\t' read -r key value; do
             [[ " ${given[*]-} " == *" $key "* ]] || echo "ParameterKey=$key,ParameterValue=$value"
@@ -113,7 +162,7 @@ cfn_deploy() {
     local mode=create
     if stack_exists; then mode=update; fi
     local -a params
-    mapfile -t params < <(cfn_params "$mode" "$@")
+    lines_into params cfn_params "$mode" "$@"
     # CAPABILITY_IAM: the stack creates a role (CloudFormation names it).
     local -a args=(--stack-name "$STACK" --template-body "file://$TEMPLATE" --capabilities CAPABILITY_IAM
         ${params[@]+--parameters "${params[@]}"})
@@ -168,9 +217,9 @@ plan() {
         fi
     fi
     local -a params
-    mapfile -t params < <(cfn_params "$mode" "${image[@]+"${image[@]}"}")
+    lines_into params cfn_params "$mode" ${image[@]+"${image[@]}"}
     run aws cloudformation create-change-set --stack-name "$STACK" --change-set-name "$name" \
-        --change-set-type "${mode^^}" --template-body "file://$TEMPLATE" --capabilities CAPABILITY_IAM \
+        --change-set-type "$(echo "$mode" | tr '[:lower:]' '[:upper:]')" --template-body "file://$TEMPLATE" --capabilities CAPABILITY_IAM \
         ${params[@]+--parameters "${params[@]}"} >/dev/null
     run aws cloudformation wait change-set-create-complete --stack-name "$STACK" --change-set-name "$name" \
         || say "(no change set: nothing would change, or the template was refused)"
@@ -195,8 +244,22 @@ deploy() {
     fi
     # A new stack first gets the repository the image is pushed to; then one update adds the function.
     stack_exists || cfn_deploy
+    check_serving_form
     if [[ -z "${NO_BUILD:-}" ]]; then push; fi
     cfn_deploy "ImageUri=$(image_uri)"
+}
+
+# The function serves only a model's serving form: refuse a model without one before deploying it.
+check_serving_form() {
+    local bucket key
+    bucket=$(output ModelBucket)
+    key="$EXPERIMENT_ID/models/$MODEL_ID/artifacts/serving/forest.json"
+    say "+ aws s3api head-object --bucket $bucket --key $key"
+    if [[ -z "$DRY" ]] && ! aws s3api head-object --bucket "$bucket" --key "$key" >/dev/null 2>&1; then
+        say "model $MODEL_ID has no serving form at s3://$bucket/$key, the only form the function serves:" \
+            "train and log it with \`make train\` (which stores one), upload it, and deploy that model"
+        exit 1
+    fi
 }
 
 destroy() {

@@ -90,6 +90,7 @@ def test_log_group_and_repository(deployed):
         repositoryNames=[deployed.parameters["RepositoryName"]]
     )["repositories"]
     assert repository["repositoryUri"] == deployed.outputs["RepositoryUri"]
+    assert repository["imageTagMutability"] == "IMMUTABLE"
     assert deployed.parameters["ImageUri"].startswith(repository["repositoryUri"] + ":")
 
 
@@ -145,11 +146,6 @@ def test_role_actions_and_resources(deployed):
             None,
         ),
         ("write-predictions", "WritePredictions"): (["kinesis:PutRecords"], out["PredictionsStreamArn"], None),
-        ("read-model", "ListModelFiles"): (
-            ["s3:ListBucket"],
-            f"arn:aws:s3:::{p['ModelBucketName']}",
-            {"StringLike": {"s3:prefix": f"{model}/*"}},
-        ),
         ("read-model", "ReadModelFiles"): (["s3:GetObject"], f"arn:aws:s3:::{p['ModelBucketName']}/{model}/*", None),
         ("write-dead-letters", "WriteDeadLetters"): (
             ["s3:PutObject"],

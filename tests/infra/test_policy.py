@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import botocore.client
 import pytest
 
+from ride_duration.registry import ModelNotFound
 from ride_duration.stream import handler
 from workbench.event_source import Checkpoint, EventSourceRunner
 
@@ -125,7 +126,7 @@ def _put_rides(deployment, stream: str) -> None:
 @pytest.fixture(scope="module")
 def skops_only(deploy_for, trained_model, stack, settings):
     """A deployment whose model has no serving form (a copy of the session's model without serving/,
-    as a model logged before it existed): the handler falls back to MLflow's download of the skops file."""
+    as a model logged before it existed): the function refuses it at its cold start."""
     logged = trained_model["logged"]
     s3 = _s3(stack, settings.aws_region)
     bucket, source = logged.s3_uri.removeprefix("s3://").split("/", 1)
@@ -140,7 +141,13 @@ def skops_only(deploy_for, trained_model, stack, settings):
 
 def test_every_call_is_allowed_and_every_grant_is_used(deployed, skops_only, stack, monkeypatch, tmp_path):
     used, actions = set(), set()
-    for deployment, source in ((deployed, "serving form"), (skops_only, "skops")):
+    # A model without the serving form: refused in one sentence, having read nothing but its MLmodel's folder.
+    env = _as_function(skops_only, monkeypatch)
+    with recording(monkeypatch) as calls, pytest.raises(ModelNotFound, match="has no serving form"):
+        handler.get_service()
+    grants_used, actions_made = _check_calls(skops_only, env, stack, calls)
+    used, actions = used | grants_used, actions | actions_made
+    for deployment, source in ((deployed, "serving form"),):
         env = _as_function(deployment, monkeypatch)
         _put_rides(deployment, env["INPUT_STREAM_NAME"])
         with recording(monkeypatch) as calls:
@@ -165,14 +172,13 @@ def test_every_call_is_allowed_and_every_grant_is_used(deployed, skops_only, sta
         grants_used, actions_made = _check_calls(deployment, env, stack, calls)
         used, actions = used | grants_used, actions | actions_made
 
-    # The calls that make this test meaningful were all made: both ways of loading the model included.
+    # The calls that make this test meaningful were all made.
     assert actions == {
         "kinesis:DescribeStreamSummary",
         "kinesis:ListShards",
         "kinesis:GetShardIterator",
         "kinesis:GetRecords",
         "kinesis:PutRecords",
-        "s3:ListBucket",
         "s3:GetObject",
         "s3:PutObject",
     }
@@ -221,6 +227,7 @@ def test_the_role_refuses_what_the_handler_never_needs(deployed):
         ("s3:GetObject", f"arn:aws:s3:::{p['ModelBucketName']}/{other_model}/MLmodel", {}),
         ("s3:GetObject", f"arn:aws:s3:::{p['ModelBucketName']}/mlflow.db", {}),
         ("s3:ListBucket", f"arn:aws:s3:::{p['ModelBucketName']}", {"s3:prefix": ""}),
+        ("s3:ListBucket", f"arn:aws:s3:::{p['ModelBucketName']}", {"s3:prefix": f"{model}/"}),
         ("s3:ListBucket", f"arn:aws:s3:::{p['ModelBucketName']}", {"s3:prefix": f"{other_model}/"}),
         ("s3:PutObject", f"arn:aws:s3:::{p['ModelBucketName']}/{model}/MLmodel", {}),
         ("s3:GetObject", f"arn:aws:s3:::{p['PredictionsBucketName']}/dead-letter/{p['InputStreamName']}/x.json", {}),
@@ -253,9 +260,9 @@ def _authorisation(service, operation, params, env, out, region, account):
         return action, f"arn:aws:s3:::{params['Bucket']}", {"s3:prefix": params.get("Prefix", "")}
     key = params["Key"]
     if key.startswith("failures/"):
-        # The local runner keeps its failed batches under failures/<stream>/<shard>/; AWS writes them to
-        # aws/lambda/<mapping id>/<shard>/YYYY/MM/DD/<time>-<uuid>, which is what the role must allow.
-        stream, shard = key.split("/")[1:3]
+        # The local runner keeps its failed batches under failures/<stream>/<created>/<shard>/; AWS writes them
+        # to aws/lambda/<mapping id>/<shard>/YYYY/MM/DD/<time>-<uuid>, which is what the role must allow.
+        stream, _, shard = key.split("/")[1:4]
         assert stream == env["INPUT_STREAM_NAME"], key
         now = datetime.now(UTC)
         key = f"aws/lambda/{out['TriggerId']}/{shard}/{now:%Y/%m/%d}/{now:%Y-%m-%dT%H.%M.%S}-0a1b2c3d"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,8 +118,20 @@ def test_plan_deploy_and_destroy(moto_server, tmp_path):
         "imageId"
     ]["imageDigest"]
 
+    # deploy a model without its serving form: refused before anything is deployed
+    model = {"MODEL_ID": "m-1", "EXPERIMENT_ID": "1", "NO_BUILD": "1", "IMAGE_TAG": "v2"}
+    refused = subprocess.run(
+        ["bash", str(SCRIPT), "deploy"], env={**env, **model}, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 1
+    assert "model m-1 has no serving form at s3://" in refused.stderr
+    assert "FunctionArn" not in dict(line.split("\t") for line in run("outputs", env).stdout.splitlines())
+    aws("s3", moto_server).put_object(
+        Bucket=names["MLFLOW_BUCKET"], Key="1/models/m-1/artifacts/serving/forest.json", Body=b"{}"
+    )
+
     # deploy with the model: one update adds the function, on the image by digest, and its trigger
-    second = run("deploy", {**env, "MODEL_ID": "m-1", "EXPERIMENT_ID": "1", "NO_BUILD": "1"})
+    second = run("deploy", {**env, **model})
     outputs = dict(line.split("\t") for line in second.stdout.splitlines())
     function = aws("lambda", moto_server).get_function(FunctionName=f"ride-duration-{suffix}")
     assert function["Code"]["ImageUri"] == f"{outputs['RepositoryUri']}@{digest}"
@@ -144,8 +157,11 @@ def test_dry_run_prints_the_commands_and_calls_nothing(tmp_path):
     result = run("deploy", env)
     commands = [line[2:] for line in result.stderr.splitlines() if line.startswith("+ ")]
     expected = [
+        "aws sts get-caller-identity",  # the default bucket names: of this account and region
         "aws cloudformation create-stack",
         "aws cloudformation wait stack-create-complete",
+        "aws cloudformation describe-stacks",
+        "aws s3api head-object",  # the model's serving form
         "aws cloudformation describe-stacks",
         "aws ecr get-login-password | docker login",
         "docker build",
@@ -159,3 +175,54 @@ def test_dry_run_prints_the_commands_and_calls_nothing(tmp_path):
     assert len(commands) == len(expected) and all(c.startswith(e) for c, e in zip(commands, expected)), commands
     assert "ParameterKey=ModelId,ParameterValue=m-1" in commands[-3]
     assert "docker build --platform linux/amd64 --provenance=false -f docker/streaming/Dockerfile" in result.stderr
+    assert "ParameterKey=ModelBucketName,ParameterValue=ride-duration-models-<account>-eu-west-1" in commands[1]
+
+
+def test_a_stack_left_in_review_in_progress_is_recreated(moto_server, tmp_path):
+    """A change set created the stack and was never executed (an interrupted plan): AWS updates no such
+    stack; deploy says so, deletes it and creates it again."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        "STACK_NAME": f"review-{suffix}",
+        "MLFLOW_BUCKET": f"models-{suffix}",
+        "PREDICTIONS_BUCKET": f"predictions-{suffix}",
+        "INPUT_STREAM_NAME": f"ride_events-{suffix}",
+        "PREDICTIONS_STREAM_NAME": f"ride_predictions-{suffix}",
+        "PARAMS": f"FunctionName=ride-duration-{suffix} RepositoryName=duration-model-{suffix}",
+    }
+    cloudformation = aws("cloudformation", moto_server)
+    cloudformation.create_change_set(
+        StackName=names["STACK_NAME"],
+        ChangeSetName="never-executed",
+        ChangeSetType="CREATE",
+        TemplateBody=(REPO / "infra" / "stream.yaml").read_text(),
+        Capabilities=["CAPABILITY_IAM"],
+        Parameters=[{"ParameterKey": "ModelBucketName", "ParameterValue": names["MLFLOW_BUCKET"]}],
+    )
+    assert cloudformation.describe_stacks(StackName=names["STACK_NAME"])["Stacks"][0]["StackStatus"] == (
+        "REVIEW_IN_PROGRESS"
+    )
+    result = run("deploy", script_env(moto_server, tmp_path, **names))
+    assert f"stack {names['STACK_NAME']} is in REVIEW_IN_PROGRESS" in result.stderr
+    (stack,) = cloudformation.describe_stacks(StackName=names["STACK_NAME"])["Stacks"]
+    assert stack["StackStatus"] == "CREATE_COMPLETE"
+    run("destroy", script_env(moto_server, tmp_path, **names))
+
+
+BASH4_ONLY = {
+    r"\bmapfile\b|\breadarray\b": "mapfile/readarray",
+    r"\$\{[A-Za-z_][A-Za-z0-9_]*(\^\^?|,,?)\}": "case modification ${x^^}",
+    r"\b(declare|local|typeset) -[a-zA-Z]*A": "associative arrays",
+    r"&>>|\|&": "&>> and |&",
+    r"\bcoproc\b": "coproc",
+    r"\$\{[A-Za-z_][A-Za-z0-9_]*@[QEPAa]\}": "${x@Q}",
+}
+
+
+def test_the_script_uses_nothing_macos_bash_3_2_lacks():
+    """macOS ships bash 3.2: no construct of bash 4 or later (checked here without a bash 3.2), and it parses."""
+    code = [line for line in SCRIPT.read_text().splitlines() if not line.lstrip().startswith("#")]
+    for pattern, construct in BASH4_ONLY.items():
+        found = [line for line in code if re.search(pattern, line)]
+        assert not found, f"{construct} (bash 4+): {found}"
+    assert subprocess.run(["bash", "--posix", "-n", str(SCRIPT)], capture_output=True, check=False).returncode == 0

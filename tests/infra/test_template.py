@@ -50,17 +50,33 @@ def test_streams_are_provisioned_and_encrypted():
         assert props["StreamEncryption"] == {"EncryptionType": "KMS", "KeyId": "alias/aws/kinesis"}
 
 
-def test_repository_scans_on_push_and_keeps_the_last_images():
+def test_repository_never_expires_a_tagged_image_and_lets_the_function_pull():
     template = load_template()
     props = template["Resources"]["Repository"]["Properties"]
     assert props["ImageScanningConfiguration"] == {"ScanOnPush": True}
     assert props["EmptyOnDelete"] is True
-    # ${KeepImages} substituted as CloudFormation would, then read as the JSON ECR receives.
-    text = props["LifecyclePolicy"]["LifecyclePolicyText"]["Fn::Sub"].replace("${KeepImages}", "7")
+    assert props["ImageTagMutability"] == "IMMUTABLE"  # a tag names one image for good
+    # ${UntaggedImageDays} substituted as CloudFormation would, then read as the JSON ECR receives.
+    text = props["LifecyclePolicy"]["LifecyclePolicyText"]["Fn::Sub"].replace("${UntaggedImageDays}", "7")
     (rule,) = json.loads(text)["rules"]
-    assert rule["selection"] == {"tagStatus": "any", "countType": "imageCountMoreThan", "countNumber": 7}
+    assert rule["selection"] == {
+        "tagStatus": "untagged",
+        "countType": "sinceImagePushed",
+        "countUnit": "days",
+        "countNumber": 7,
+    }
     assert rule["action"] == {"type": "expire"}
-    assert template["Parameters"]["KeepImages"]["Default"] == 10
+    (statement,) = props["RepositoryPolicyText"]["Statement"]
+    assert statement["Principal"] == {"Service": "lambda.amazonaws.com"}
+    assert sorted(statement["Action"]) == ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"]
+    source = statement["Condition"]["StringLike"]["aws:sourceArn"]["Fn::Sub"]
+    assert source == "arn:${AWS::Partition}:lambda:${AWS::Region}:${AWS::AccountId}:function:${FunctionName}"
+
+
+def test_failure_destination_is_the_bucket_itself():
+    destination = load_template()["Resources"]["Trigger"]["Properties"]["DestinationConfig"]["OnFailure"]["Destination"]
+    condition, made_here, given = destination["Fn::If"]
+    assert (condition, made_here) == ("MakeBuckets", {"Fn::GetAtt": ["PredictionsBucket", "Arn"]})
 
 
 def test_the_function_and_its_trigger_wait_for_an_image_and_a_model():

@@ -39,9 +39,10 @@ course: venv services-up data train ## the whole course, end to end
 
 test: venv lint ## lint, unit + integration tests and nbval over every notebook
 	$(PY) scripts/run_tests.py
-lint: venv ## ruff check and ruff format --check (configured in pyproject.toml)
+lint: venv ## ruff check and ruff format --check (configured in pyproject.toml); actionlint on the CI workflow
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/actionlint .github/workflows/ci.yml
 test-fast: venv ## the tests that start no server (about 10 s)
 	$(PY) -m pytest tests -m "not integration" -q
 notebooks: venv ## re-execute every notebook in place, in order, on a fresh default stack (stops it, clears .local/)
@@ -106,7 +107,7 @@ aws-plan: ## what aws-deploy would create or change (a change set, not executed)
 	scripts/aws.sh plan
 aws-deploy: ## streams, buckets, ECR, role, logs; with MODEL_ID + EXPERIMENT_ID also the image and the function
 	scripts/aws.sh deploy
-aws-push: ## build the Lambda image and push it to the stack's ECR repository (IMAGE_TAG, default v2)
+aws-push: ## build the Lambda image and push it to the stack's ECR repository (IMAGE_TAG, default the git commit)
 	scripts/aws.sh push
 aws-destroy: ## delete the stack (the buckets are kept)
 	scripts/aws.sh destroy

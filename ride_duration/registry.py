@@ -18,8 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .config import Settings
 
 # Imported inside functions, to keep them lazy: mlflow (2-3 s; the services' fast path never
@@ -84,10 +82,14 @@ def _require_tracking_server(uri: str, settings: Settings) -> None:
 
 # ----------------------------------------------------------------------------- which model
 def s3_model_uri(bucket: str, experiment_id: str, model_id: str) -> str:
-    """Where MLflow 3 stores a logged model's files in the artifact store.
+    """Where MLflow 3 stores a logged model's files in the artifact store: the one place
+    that writes this layout down, for loading with MODEL_ID + EXPERIMENT_ID and no tracking
+    server (boto3 alone, as the Lambda does).
 
     MLflow 3 keeps models as their own entities: `<experiment>/models/<model_id>/artifacts`.
-    The 2022 layout `<experiment>/<run_id>/artifacts/model` is gone.
+    The 2022 layout `<experiment>/<run_id>/artifacts/model` is gone. MLflow does not
+    document the layout; tests/test_stack_and_registry.py holds it to the
+    `artifact_location` MLflow reports for a model it logged, so an MLflow change shows there.
     """
     return f"s3://{bucket}/{experiment_id}/models/{model_id}/artifacts"
 
@@ -221,9 +223,7 @@ def artifact_location(uri: str, settings: Settings) -> str | None:
 
     try:
         if uri.startswith("models:/"):
-            from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-
-            return ModelsArtifactRepository.get_underlying_uri(uri)
+            return _registered_location(uri)
         if uri.startswith("runs:/"):
             run_id, _, name = uri.removeprefix("runs:/").partition("/")
             experiment_id = mlflow.get_run(run_id).info.experiment_id
@@ -235,6 +235,23 @@ def artifact_location(uri: str, settings: Settings) -> str | None:
     except Exception:  # only used to word an error: never hide the original one
         log.debug("could not find the storage location of %s", uri, exc_info=True)
     return None
+
+
+def _registered_location(uri: str) -> str:
+    """`models:/name@alias`, `models:/name/<version>` or `models:/<model id>` -> its storage location."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    path = uri.removeprefix("models:/").rstrip("/")
+    if "/" in path:
+        name, version = path.split("/", 1)
+    elif "@" in path:
+        name, alias = path.rsplit("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        return mlflow.get_logged_model(path).artifact_location
+    return client.get_model_version_download_uri(name, version)
 
 
 def _artifacts_missing(uri: str, settings: Settings) -> ModelNotFound:
@@ -304,10 +321,12 @@ def _download(uri: str, dst: Path, settings: Settings, artifact: str | None = No
 
 
 def read_mlmodel(uri: str, *, settings: Settings) -> dict:
-    """The model's MLmodel file (YAML: run_id, model_id, flavors, metadata) without
-    downloading the model itself."""
+    """The model's MLmodel file as a dict (run_id, model_id, flavors, metadata), read by
+    MLflow's `Model.load`, without downloading the model itself."""
+    from mlflow.models import Model
+
     with tempfile.TemporaryDirectory(prefix="ride-duration-mlmodel-") as tmp:
-        return yaml.safe_load(_download(uri, Path(tmp), settings, artifact="MLmodel").read_text()) or {}
+        return Model.load(str(_download(uri, Path(tmp), settings, artifact="MLmodel"))).to_dict()
 
 
 def version_of(meta: dict, uri: str) -> str:
@@ -324,8 +343,9 @@ def load_model_folder(path: Path):
     `metadata` dict (training logs `{"training_data": ...}` there; {} if absent).
     """
     import skops.io
+    from mlflow.models import Model
 
-    meta = yaml.safe_load((path / "MLmodel").read_text()) or {}
+    meta = Model.load(str(path)).to_dict()
     flavor = meta.get("flavors", {}).get("sklearn")
     if flavor is None:
         raise ModelNotFound(f"the model in {path} has no sklearn flavor")

@@ -16,10 +16,18 @@ import requests
 from ride_duration import config
 from ride_duration.config import get_settings
 from ride_duration.predict import make_prediction
-from ride_duration.registry import ModelNotFound, load_model, s3_model_uri
+from ride_duration.registry import ModelNotFound, artifact_location, load_model, s3_model_uri
 from ride_duration.train import TrackingServerDown, check_tracking_server, log_to_mlflow
 from ride_duration.train import main as train_main
-from workbench.stack import SERVICES, LocalStack, StackError, activate_if_running, free_port, port_in_use
+from workbench.stack import (
+    SERVICES,
+    LocalStack,
+    StackError,
+    activate_if_running,
+    free_port,
+    port_in_use,
+    s3_on_moto,
+)
 
 EXAMPLE = {"PULocationID": 130, "DOLocationID": 205, "trip_distance": 3.66}
 pytestmark = pytest.mark.integration
@@ -46,6 +54,45 @@ def test_logged_run_has_params_metric_signature(trained_model, settings):
     assert info.flavors["sklearn"]["serialization_format"] == "skops"
     # MLflow 3 layout: <experiment>/models/<model_id>/artifacts, derivable from config
     assert logged.s3_uri == s3_model_uri(settings.mlflow_bucket, logged.experiment_id, logged.model_id)
+
+
+def test_s3_layout_is_where_mlflow_logs_a_model(trained_model, settings):
+    """MODEL_ID + EXPERIMENT_ID load straight from S3 at `s3_model_uri`, a layout MLflow does not
+    document: held here to where MLflow says it logged a real model, and to the objects boto3 finds."""
+    import mlflow
+    import yaml
+    from mlflow.models import Model
+
+    from ride_duration.aws import s3_client, split_s3_uri
+
+    logged = trained_model["logged"]
+    model = mlflow.get_logged_model(logged.model_id)
+    uri = s3_model_uri(settings.mlflow_bucket, model.experiment_id, model.model_id)
+    assert uri == model.artifact_location
+    bucket, prefix = split_s3_uri(uri)
+    client = s3_client(settings)
+    mlmodel = client.get_object(Bucket=bucket, Key=f"{prefix}/MLmodel")["Body"].read().decode()
+    assert Model.from_dict(yaml.safe_load(mlmodel)).model_id == logged.model_id
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"]}
+    assert {f"{prefix}/MLmodel", f"{prefix}/serving/forest.json", f"{prefix}/serving/forest.npz"} <= keys
+
+
+def test_artifact_location_of_every_registry_reference(trained_model, settings):
+    """`models:/` (alias, version, logged model id) and `runs:/` all lead to the logged model's
+    files, through MLflow's client API."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    logged = trained_model["logged"]
+    expected = mlflow.get_logged_model(logged.model_id).artifact_location
+    version = MlflowClient().get_model_version_by_alias(settings.model_name, settings.model_alias).version
+    for uri in (
+        settings.registry_uri,
+        f"models:/{settings.model_name}/{version}",
+        f"models:/{logged.model_id}",
+        f"runs:/{logged.run_id}/model",
+    ):
+        assert artifact_location(uri, settings) == expected, uri
 
 
 def test_load_from_s3_and_local_folder(trained_model, settings, tmp_path):
@@ -364,20 +411,11 @@ def test_every_listener_is_on_loopback_and_lost_pid_files_are_found(tmp_path, ca
         assert {p["service"] for p in processes} == {"s3", "kinesis"}
         assert listening == expected
         assert _listen_addresses(listening) == {f"127.0.0.1:{port}" for port in listening}
-        # S3 sent to moto (an older .env) is refused, not kept in its memory
-        import boto3
-        from botocore.exceptions import ClientError
-
-        wrong = boto3.client(
-            "s3",
-            endpoint_url=stack.url("kinesis"),
-            region_name="eu-west-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        )
-        with pytest.raises(ClientError, match=f"S3 is SeaweedFS at {stack.url('s3')}") as refused:
-            wrong.put_object(Bucket=stack.predictions_bucket, Key="lost.txt", Body=b"x")
-        assert refused.value.response["Error"]["Code"] == "WrongEndpoint"
+        # moto runs as its stock server; an S3 endpoint set to it (an older .env) is named at `up`
+        assert any("moto.server" in p["cmd"] for p in processes if p["service"] == "kinesis")
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", stack.url("kinesis"))
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", stack.url("s3"))
+        assert s3_on_moto(stack) == ["MLFLOW_S3_ENDPOINT_URL"]
 
         shutil.rmtree(stack.run_dir)  # as `rm -rf .local/run` (or all of .local) with the stack running
         orphans = stack.orphans()
@@ -389,7 +427,11 @@ def test_every_listener_is_on_loopback_and_lost_pid_files_are_found(tmp_path, ca
         assert main(["status"]) == 0
         assert capsys.readouterr().out.count("running without a pid file (`stack down` stops it)") == 2
         stack.up(("s3",))  # names them, stops them, starts afresh
-        out = capsys.readouterr().out
+        out, err = capsys.readouterr()
+        assert (
+            f"error: MLFLOW_S3_ENDPOINT_URL={stack.url('kinesis')} sends S3 to moto (Kinesis), which keeps objects "
+            f"in memory only; set it to SeaweedFS at {stack.url('s3')}" in err
+        )
         for p in processes:
             assert f"{p['service']:8s} pid {p['pid']} listening on 127.0.0.1:" in out
         assert out.count("running without a pid file (deleted, or its parent process crashed): stopped it") == 2

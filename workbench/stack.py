@@ -5,7 +5,8 @@
   survive a crash (`kill -9`) of any process, with no snapshot to take.
 - Kinesis (and every other AWS API): moto's server, like LocalStack's 4566. moto keeps
   state in memory, so streams are recreated empty after a restart (stream records are
-  transient on AWS too). It refuses S3 requests, so that no object lands in its memory.
+  transient on AWS too). It runs as moto's stock server (`python -m moto.server`); `up`
+  names any S3 endpoint setting that points at it, since moto would keep those objects in memory.
 - MLflow: `mlflow server`, sqlite backend under `.local/`, artifacts in local S3.
 - Prefect: `prefect server start` (for the batch part), sqlite under `.local/`, its write
   transactions queueing for SQLite's lock instead of failing (`workbench.prefect_server`).
@@ -317,7 +318,7 @@ class LocalStack:
         if name == "s3":
             return self._weed_command(env)
         if name == "kinesis":
-            return [py, "-m", "workbench.stack", "_moto", HOST, port, self.url("s3")], env
+            return [py, "-m", "moto.server", "-H", HOST, "-p", port], env  # moto's documented server
         if name == "mlflow":
             db = self.local_dir / "mlflow" / "mlflow.db"
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -694,6 +695,13 @@ class LocalStack:
                 self._say(
                     f"kinesis  streams {', '.join(created)} recreated empty (moto keeps streams in memory: "
                     "records put before the restart are gone)"
+            config.load_env_file()
+            for key in s3_on_moto(self):
+                print(
+                    f"error: {key}={os.environ[key]} sends S3 to moto (Kinesis), which keeps objects in memory "
+                    f"only; set it to SeaweedFS at {self.url('s3')} (python -m workbench.stack env)",
+                    file=sys.stderr,
+                )
                 )
         return self.env()
 
@@ -831,43 +839,20 @@ def activate_if_running(announce: bool = True) -> bool:
     return True
 
 
-# ------------------------------------------------------------------ moto without S3
-def _is_s3_request(environ: dict) -> bool:
-    auth = environ.get("HTTP_AUTHORIZATION", "") + environ.get("QUERY_STRING", "")
-    return "/s3/aws4_request" in auth or "%2Fs3%2Faws4_request" in auth
+# ------------------------------------------------------------------ S3 never on moto
+_S3_ENDPOINT_KEYS = ("AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL")
 
 
-def _serve_moto(host: str, port: int, s3_url: str) -> None:
-    """moto's server (as `python -m moto.server`) that answers S3 requests with an error
-    naming the S3 endpoint: an object written to moto would live in memory only."""
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import run_simple
-
-    os.environ.setdefault("MOTO_PORT", str(port))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    moto_app = DomainDispatcherApplication(create_backend_app)
-    message = (
-        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>WrongEndpoint</Code><Message>This is the "
-        f"local stack's Kinesis endpoint; S3 is SeaweedFS at {s3_url}: set AWS_ENDPOINT_URL_S3 and "
-        f"MLFLOW_S3_ENDPOINT_URL to it (python -m workbench.stack env)</Message></Error>"
-    ).encode()
-
-    def app(environ, start_response):
-        if _is_s3_request(environ):
-            start_response(
-                "400 Bad Request", [("Content-Type", "application/xml"), ("Content-Length", str(len(message)))]
-            )
-            return [message]
-        return moto_app(environ, start_response)
-
-    run_simple(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+def s3_on_moto(stack: LocalStack, environ=None) -> list[str]:
+    """The S3 endpoint settings in `environ` that name moto (the Kinesis port) instead of
+    SeaweedFS. moto would accept the objects and keep them in its memory only, lost at
+    its next restart; moto runs as its stock server, so the check is made here, at `up`."""
+    environ = os.environ if environ is None else environ
+    return [key for key in _S3_ENDPOINT_KEYS if environ.get(key) and _same_server(environ[key], stack.url("kinesis"))]
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_moto"]:  # how `up` starts moto (not a user command)
-        _serve_moto(argv[1], int(argv[2]), argv[3])
-        return 0
     parser = argparse.ArgumentParser(
         description="Start/stop the local S3 (SeaweedFS), Kinesis (moto), MLflow and Prefect servers."
     )

@@ -695,13 +695,13 @@ class LocalStack:
                 self._say(
                     f"kinesis  streams {', '.join(created)} recreated empty (moto keeps streams in memory: "
                     "records put before the restart are gone)"
+                )
             config.load_env_file()
             for key in s3_on_moto(self):
                 print(
                     f"error: {key}={os.environ[key]} sends S3 to moto (Kinesis), which keeps objects in memory "
                     f"only; set it to SeaweedFS at {self.url('s3')} (python -m workbench.stack env)",
                     file=sys.stderr,
-                )
                 )
         return self.env()
 

@@ -1,7 +1,9 @@
 """NYC TLC monthly trip files: official URL, mirror, checksums, synthetic fallback.
 
 Order of sources for a month: the verified cache, the mirror (`TLC_MIRROR`, a
-folder or a URL prefix), the official CloudFront URL. If none answers and the
+folder or a URL prefix), the official CloudFront URL, each fetched by pooch (a
+temporary file renamed once whole and matching the TLC's published sha256, a
+progress bar while it downloads). If none answers and the
 synthetic fallback is allowed (`TLC_SYNTHETIC_FALLBACK`, on by default), a
 synthetic month with the same 20-column schema is written under a name that
 says so, and a loud warning says results will not match the course.
@@ -20,10 +22,7 @@ import io
 import json
 import logging
 import os
-import sys
-import tempfile
-import urllib.error
-import urllib.request
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,9 @@ from .aws import storage_options
 from .config import Settings, get_settings
 from .features import add_duration, check_columns
 
-# Imported inside functions, to keep them lazy: tqdm (progress bars), pyarrow (parquet footers;
-# not in the web or Lambda images), fsspec (remote inputs only).
+# Imported inside functions, to keep them lazy: pooch (downloads, cache and checksums, with
+# tqdm's progress bars), pyarrow (parquet footers; not in the web or Lambda images), fsspec
+# (remote inputs only).
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class DataUnavailable(RuntimeError):
 
 
 class ChecksumMismatch(RuntimeError):
-    pass
+    """A fetched file's sha256 is not the one the TLC published (`KNOWN_SHA256`)."""
 
 
 def filename(taxi_type: str, year: int, month: int) -> str:
@@ -112,61 +112,59 @@ def mirror_location(mirror: str, name: str) -> str:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    import pooch
+
+    return pooch.file_hash(str(path), alg="sha256")
 
 
-def verify(path: Path, name: str) -> None:
+def _copy_local(url: str, output_file, pooch_instance, check_only: bool = False):
+    """A pooch downloader for a mirror that is a folder (pooch's own speak http(s), ftp, sftp, doi)."""
+    import shutil
+
+    source = Path(url.removeprefix("file://"))
+    if check_only:
+        return source.is_file()
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist")
+    if hasattr(output_file, "write"):
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, output_file)
+    else:
+        shutil.copyfile(source, output_file)
+    return None
+
+
+def _retrieve(source: str, name: str, folder: Path, progress: bool, timeout: float) -> Path:
+    """`source` (URL or local path) into `folder/name` through pooch: a temporary file renamed
+    once whole and matching its known sha256 (`KNOWN_SHA256`), else ChecksumMismatch."""
+    import pooch
+
     expected = KNOWN_SHA256.get(name)
-    if expected is None:
-        return
-    actual = sha256_of(path)
-    if actual != expected:
-        raise ChecksumMismatch(f"{name}: sha256 {actual} does not match the known {expected}; file refused")
-
-
-def _copy_or_download(source: str, target: Path, progress: bool, timeout: float) -> None:
-    """Fetch `source` into `target` atomically: a temp file in the same folder, then rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+    if "://" not in source or source.startswith("file://"):
+        downloader = _copy_local
+    else:
+        # Plain text bar (tqdm's, not the notebook widget): it reads the same in a terminal,
+        # in Jupyter and in a notebook rendered on GitHub.
+        downloader = pooch.HTTPDownloader(
+            progressbar=progress, timeout=timeout, headers={"User-Agent": "ride-duration-course"}
+        )
     try:
-        with os.fdopen(fd, "wb") as out:
-            if "://" not in source or source.startswith("file://"):
-                local = Path(source.removeprefix("file://"))
-                if not local.is_file():
-                    raise FileNotFoundError(f"{local} does not exist")
-                with open(local, "rb") as src, _bar(local.stat().st_size, target.name, progress) as bar:
-                    for chunk in iter(lambda: src.read(1 << 20), b""):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-            else:
-                _download(source, out, progress, timeout)
-        verify(tmp, target.name)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _bar(total, desc: str, progress: bool):
-    # Plain text bar (not the notebook widget): it reads the same in a terminal,
-    # in Jupyter and in a notebook rendered on GitHub.
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr, ncols=80)
-
-
-def _download(url: str, out, progress: bool, timeout: float) -> None:
-    request = urllib.request.Request(url, headers={"User-Agent": "ride-duration-course"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with _bar(total, url.rsplit("/", 1)[-1], progress) as bar:
-            for chunk in iter(lambda: response.read(1 << 16), b""):
-                out.write(chunk)
-                bar.update(len(chunk))
+        fetched = pooch.retrieve(
+            source,
+            known_hash=f"sha256:{expected}" if expected else None,
+            fname=name,
+            path=folder,
+            downloader=downloader,
+        )
+    except ValueError as exc:
+        if expected is None or expected not in str(exc):
+            raise
+        got = re.search(r"got ([0-9a-f]{64})", str(exc))  # pooch names the hash it computed
+        raise ChecksumMismatch(
+            f"{name} from {source}: sha256 {got.group(1) if got else '(another)'} does not match "
+            f"the known {expected}; file refused"
+        ) from None
+    return Path(fetched)
 
 
 @dataclass(frozen=True)
@@ -189,13 +187,15 @@ def _fetch(
     name: str, official: str, settings: Settings, progress: bool, timeout: float
 ) -> tuple[MonthFile | None, list[str]]:
     target = settings.data_dir / name
+    expected = KNOWN_SHA256.get(name)
     if target.is_file():
-        try:
-            verify(target, name)
+        actual = sha256_of(target) if expected else None
+        if actual == expected:
             return MonthFile(target, f"cache {target}"), []
-        except ChecksumMismatch as exc:
-            log.warning("%s; fetching it again", exc)
-            target.unlink()
+        log.warning(
+            "%s: sha256 %s of the cached file does not match the known %s; fetching it again", name, actual, expected
+        )
+        target.unlink()
     sources = []
     if settings.tlc_mirror:
         sources.append(("TLC_MIRROR", mirror_location(settings.tlc_mirror, name)))
@@ -203,12 +203,10 @@ def _fetch(
     tried = []
     for kind, source in sources:
         try:
-            _copy_or_download(source, target, progress, timeout)
+            path = _retrieve(source, name, settings.data_dir, progress, timeout)
             log.info("fetched %s from %s", name, source)
-            return MonthFile(target, f"{kind} {source}"), tried
-        except ChecksumMismatch:
-            raise
-        except (OSError, urllib.error.URLError, ValueError) as exc:
+            return MonthFile(path, f"{kind} {source}"), tried
+        except (OSError, ValueError) as exc:  # requests' errors are OSErrors; a hash mismatch is not
             tried.append(f"{source} ({exc})")
     return None, tried
 

@@ -3,10 +3,11 @@
 
 Needs the default-port stack with a production model (notebook 02) and, for the Prefect pages, the
 `monthly` deployment and a completed run of it (notebooks 05/06), and Debian's `chromium` (installed with
-apt-get when missing and this runs as root). Each page is rendered in headless Chromium to its DOM, which
-must name what the page is about (the run, the model and its alias, the deployment, the flow run), so a UI
-that breaks or renders empty fails; then, unless `--check`, to a PNG, shrunk and quantised to a few tens of
-KB under notebooks/img/.
+apt-get when missing and this runs as root). Each page is loaded in headless Chromium, whose text must name
+what the page is about (the run, the model and its alias, the deployment, the flow run) and must not show
+what the notebooks say is not there (MLflow's assistant panel: the pages are taken in MLflow's Model training
+view with the panel closed; a temporary path in a Prefect log), so a UI that breaks or renders empty fails;
+then, unless `--check`, it is saved as a PNG, shrunk and quantised to a few tens of KB under notebooks/img/.
 
     python scripts/screenshots.py            # `make screenshots`: check and save every page
     python scripts/screenshots.py --check    # DOM checks only, no files written (`make test`)
@@ -15,22 +16,35 @@ KB under notebooks/img/.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from websockets.sync.client import connect  # Prefect's dependency, in the dev environment
+
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "notebooks" / "img"
 MODEL_NAME = "NYCRideDurationModel"
-# Virtual time lets the single-page apps finish their API calls without waiting in real time.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=20000"]
+TRAINING_VIEW = "workflowType=machine_learning"  # MLflow's Model training view, also when named in the URL
+ASSISTANT_PANEL = "Ask questions about your"  # the open panel's text (its closed button is labelled too)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+# MLflow UI settings (localStorage, `<key>_v<version>` holding JSON): the Model training view, assistant closed.
+MLFLOW_VIEW = {
+    "mlflow.workflowType_v1": "machine_learning",
+    "mlflow.assistant.panelOpen_v1": False,
+    "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": True,
+}
+# A temporary path in a captured log says where one machine kept a file, not what the flow did.
+TEMP_PATHS = sorted({"/tmp/", tempfile.gettempdir().rstrip("/") + "/"})
 
 
 class Unavailable(RuntimeError):
@@ -71,15 +85,17 @@ def pages(mlflow: str, prefect: str) -> list[dict]:
     out = [
         {
             "file": "02-mlflow-run.png",
-            "url": f"{mlflow}/#/experiments/{run['info']['experiment_id']}/runs/{run_id}",
+            "url": f"{mlflow}/#/experiments/{run['info']['experiment_id']}/runs/{run_id}?{TRAINING_VIEW}",
             "window": "1400,1350",
             "expect": [run["info"]["run_name"], "rmse_valid"],
+            "forbid": [ASSISTANT_PANEL],
         },
         {
             "file": "02-mlflow-registered-model.png",
-            "url": f"{mlflow}/#/models/{MODEL_NAME}",
+            "url": f"{mlflow}/#/models/{MODEL_NAME}?{TRAINING_VIEW}",
             "window": "1400,900",
             "expect": [MODEL_NAME, "production"],
+            "forbid": [ASSISTANT_PANEL],
         },
     ]
     deployments = _ask("Prefect", f"{prefect}/api/deployments/filter", {"deployments": {"name": {"any_": ["monthly"]}}})
@@ -92,23 +108,36 @@ def pages(mlflow: str, prefect: str) -> list[dict]:
         {
             "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["COMPLETED"]}}},
             "sort": "START_TIME_DESC",
-            "limit": 1,
+            "limit": 10,
         },
     )
     if not runs:
         raise Unavailable(f"Prefect at {prefect} has no completed run of `monthly`: run notebook 06.")
+    # The newest run whose log names no temporary path (the page shows the log).
+    for candidate in runs:
+        logs = _ask("Prefect", f"{prefect}/api/logs/filter", {"logs": {"flow_run_id": {"any_": [candidate["id"]]}}})
+        if not any(tmp in entry["message"] for entry in logs for tmp in TEMP_PATHS):
+            runs = [candidate]
+            break
+    else:
+        raise Unavailable(
+            f"every recent completed run of `monthly` logs a temporary path ({', '.join(TEMP_PATHS)}): "
+            "the flow's log should name S3 keys and months, not where a worker kept a file."
+        )
     out += [
         {
             "file": "06-prefect-monthly-deployment.png",
             "url": f"{prefect}/deployments/deployment/{deployment['id']}",
             "window": "1400,1000",
             "expect": ["monthly", "ride-duration-prediction"],
+            "forbid": TEMP_PATHS,
         },
         {
             "file": "06-prefect-flow-run.png",
             "url": f"{prefect}/runs/flow-run/{runs[0]['id']}",
             "window": "1400,1000",
             "expect": [runs[0]["name"], "apply-model"],
+            "forbid": TEMP_PATHS,
         },
     ]
     return out
@@ -129,17 +158,99 @@ def chromium() -> str:
     raise Unavailable("Chromium is not installed and could not be: as root, run `apt-get install -y chromium`.")
 
 
-def render(browser: str, page: dict, png: Path | None) -> list[str]:
-    """The expected texts missing from the page's DOM; with `png` and none missing, also the screenshot."""
-    command = [browser, *CHROMIUM_FLAGS, f"--window-size={page['window']}"]
-    dom = subprocess.run([*command, "--dump-dom", page["url"]], capture_output=True, text=True, timeout=120)
-    missing = [text for text in page["expect"] if text not in dom.stdout]
-    if png is not None and not missing:
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (documented, stable): one tab, its own profile.
+
+    The protocol, not `--screenshot`, because the MLflow pages need their view settings in the origin's
+    localStorage before the app starts."""
+
+    def __init__(self, binary: str):
+        self.profile = tempfile.TemporaryDirectory(prefix="screenshots-")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                *CHROMIUM_FLAGS,
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self.profile.name}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        port_file = Path(self.profile.name) / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text().strip():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.close()
+                raise Unavailable("Chromium did not open its DevTools port within 30 s.")
+            time.sleep(0.1)
+        port = port_file.read_text().split()[0]
+        tabs = _call(f"http://127.0.0.1:{port}/json/list")
+        tab = next(t for t in tabs if t.get("type") == "page")
+        self.socket = connect(tab["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.next_id = 0
+
+    def send(self, method: str, **params):
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:  # events arrive between answers; only the answer to this call matters
+            message = json.loads(self.socket.recv(timeout=60))
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def evaluate(self, expression: str):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def open(self, url: str, width: int, height: int, expect: list[str], wait: float = 30) -> str:
+        """Load `url` and wait until its text names everything in `expect` (or `wait` s pass); the page text."""
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.send("Page.navigate", url=url)
+        deadline = time.monotonic() + wait
+        while True:
+            time.sleep(0.5)
+            text = self.evaluate("document.body ? document.body.innerText : ''") or ""
+            if all(item in text for item in expect) or time.monotonic() > deadline:
+                time.sleep(1)  # the last requests and renders settle
+                return self.evaluate("document.body ? document.body.innerText : ''") or ""
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        if getattr(self, "socket", None) is not None:
+            self.socket.close()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.profile.cleanup()
+
+
+def prepare_mlflow(browser: Browser, mlflow: str) -> None:
+    """MLflow's UI keeps its view settings in the origin's localStorage: the *Model training* view (it opens in
+    *GenAI*), and its assistant panel closed and already offered (on a local server it opens itself on the first
+    page). Set on a static file of the origin, so no app has started with other settings."""
+    browser.open(f"{mlflow}/static-files/favicon.ico", 200, 200, [], wait=0)
+    for key, value in MLFLOW_VIEW.items():
+        browser.evaluate(f"localStorage.setItem({json.dumps(key)}, {json.dumps(json.dumps(value))})")
+
+
+def render(browser: Browser, page: dict, png: Path | None) -> list[str]:
+    """What is wrong with the page (expected texts missing, forbidden ones shown); with `png` and nothing
+    wrong, also the screenshot."""
+    width, height = (int(n) for n in page["window"].split(","))
+    text = browser.open(page["url"], width, height, page["expect"])
+    problems = [f"missing {item!r}" for item in page["expect"] if item not in text]
+    problems += [f"shows {item!r}" for item in page.get("forbid", ()) if item in text]
+    if png is not None and not problems:
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "raw.png"
-            subprocess.run([*command, f"--screenshot={raw}", page["url"]], capture_output=True, timeout=120)
+            browser.screenshot(raw)
             shrink(raw, png)
-    return missing
+    return problems
 
 
 def shrink(src: Path, dst: Path, scale: float = 0.72, colors: int = 128) -> None:
@@ -166,10 +277,15 @@ def main(argv=None) -> int:
         print(f"screenshots: {exc}", file=sys.stderr)
         return 2
     failed = 0
-    for page in todo:
-        missing = render(browser, page, None if args.check else IMG / page["file"])
-        print(f"{page['file']:34s} {'ok' if not missing else f'MISSING {missing}'}")
-        failed += bool(missing)
+    session = Browser(browser)
+    try:
+        prepare_mlflow(session, args.mlflow.rstrip("/"))
+        for page in todo:
+            problems = render(session, page, None if args.check else IMG / page["file"])
+            print(f"{page['file']:34s} {'ok' if not problems else '; '.join(problems)}")
+            failed += bool(problems)
+    finally:
+        session.close()
     return 1 if failed else 0
 
 

@@ -96,6 +96,8 @@ bench-batch: venv ## a 12-month backfill: directly vs through the pool (1 worker
 	$(PY) -m benchmarks.batch
 bench-images: venv ## each image's installed size, replayed from its Pipfile.lock categories
 	$(PY) -m benchmarks.images
+figures: venv ## docs/benchmarks.md from docs/figures.json (what every make bench-* records)
+	$(PY) -m benchmarks.report
 
 clean:
 	rm -rf dist build *.egg-info reports .pytest_cache

@@ -19,9 +19,9 @@ import uuid
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-import botocore.client
 import pytest
 
+from ride_duration import aws as aws_module
 from ride_duration.registry import ModelNotFound
 from ride_duration.stream import handler
 from workbench.event_source import Checkpoint, EventSourceRunner
@@ -88,16 +88,23 @@ def _conditions_hold(condition: dict, context: dict) -> bool:
 
 @contextmanager
 def recording(monkeypatch):
-    """Every AWS API call made in this process meanwhile, by any boto3 client (MLflow's included)."""
+    """Every AWS API call made meanwhile by a client of `ride_duration.aws` (the handler's and the runner's),
+    through botocore's documented `before-parameter-build` event on each client."""
     calls = []
-    real = botocore.client.BaseClient._make_api_call
+    real = aws_module.client
 
-    def record(client, operation, params):
-        calls.append((client.meta.service_model.service_name, operation, dict(params), client.meta.endpoint_url))
-        return real(client, operation, params)
+    def client(service, settings):
+        made = real(service, settings)
+        endpoint = made.meta.endpoint_url
+
+        def record(model, params, **kwargs):
+            calls.append((model.service_model.service_name, model.name, dict(params), endpoint))
+
+        made.meta.events.register("before-parameter-build", record)
+        return made
 
     with monkeypatch.context() as patch:
-        patch.setattr(botocore.client.BaseClient, "_make_api_call", record)
+        patch.setattr(aws_module, "client", client)  # the package's own factory, not a library's
         yield calls
 
 

@@ -1,15 +1,9 @@
-"""The instructors' monthly run: papermill executes notebooks/05-batch-scoring.ipynb
-with the month as parameters into `reports/<taxi>-<YYYY>-<MM>.ipynb`.
-
-The executed notebook is the report (row count, RMSE, histogram of `diff`, where
-the predictions went, what the model was trained on); its cell tagged `summary`
-prints those figures as JSON so code can read them back (`read_summary`), without
-scrapbook.
-
-The report uses the servers the environment names and never starts or trains
-anything: when a server is down or there is no model to score with, the notebook
-raises `ReportStopped` with one sentence saying what to run, and `run_report`
-turns it into `ReportFailed` with that sentence.
+"""The instructors' monthly run: papermill executes notebooks/05-batch-scoring.ipynb with the
+month as parameters into `reports/<taxi>-<YYYY>-<MM>.ipynb`, the report (rows, RMSE, `diff`,
+where the predictions went, what the model was trained on). Its cell tagged `summary` prints
+those figures as JSON (`read_summary`). It uses the servers the environment names and never
+starts or trains anything: a server down or no model raises `ReportStopped` in the notebook,
+one sentence saying what to run, which `run_report` turns into `ReportFailed`.
 """
 
 from __future__ import annotations
@@ -21,13 +15,7 @@ import re
 from pathlib import Path
 
 from ..config import Settings, repo_root
-from ..registry import (
-    ModelNotFound,
-    TrackingServerDown,
-    check_tracking_server,
-    default_model_uri,
-    resolve_model,
-)
+from ..registry import ModelNotFound, TrackingServerDown, check_tracking_server, default_model_uri, resolve_model
 from ..tlc import describe_training_data
 
 # Imported inside functions, to keep them lazy: mlflow (2-3 s, only to check the model), papermill,
@@ -50,7 +38,6 @@ class ReportStopped(RuntimeError):
     """Raised inside the notebook: the report cannot be made; the message says what to run."""
 
 
-# ----------------------------------------------------------------------------- inside the notebook
 def servers(settings: Settings) -> str:
     """Which servers this report talks to, for its first output."""
     # as aws.s3_client chooses: the S3-specific endpoint first (the local stack's S3 is not its Kinesis)
@@ -152,9 +139,6 @@ def summary_fields(data: dict | None) -> dict:
     return {"trained_on_synthetic_data": None if data is None else bool(data["synthetic"]), "training_data": data}
 
 
-# ----------------------------------------------------------------------------- running it
-
-
 def notebook_path() -> Path:
     root = repo_root()
     if root is None or not (root / "notebooks" / NOTEBOOK).is_file():
@@ -167,21 +151,10 @@ def report_path(taxi_type: str, year: int, month: int, output_dir: str | os.Path
     return folder / f"{taxi_type}-{int(year):04d}-{int(month):02d}.ipynb"
 
 
-def run_report(
-    taxi_type: str,
-    year: int,
-    month: int,
-    *,
-    model: str | None = None,
-    input_file: str | None = None,
-    output_file: str | None = None,
-    output_dir: str | os.PathLike | None = None,
-    kernel_name: str = KERNEL,
-) -> Path:
-    """Execute the notebook for one month; the report appears only if every cell ran.
-
-    A failed run is kept beside it as `<name>.failed.ipynb` (with the error cell) to debug.
-    """
+def run_report(taxi_type: str, year: int, month: int, *, output_dir=None, kernel_name: str = KERNEL, **given) -> Path:
+    """Execute the notebook for one month (`given`: model, input_file, output_file; the notebook's
+    defaults otherwise); the report appears only if every cell ran. A failed run is kept beside
+    it as `<name>.failed.ipynb` (with the error cell) to debug."""
     # Here, not at the top: the notebook imports this module, and papermill (1 s) is only for running it.
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -190,21 +163,15 @@ def run_report(
     target = report_path(taxi_type, year, month, output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.stem}.running.ipynb")
-    parameters = {"taxi_type": taxi_type, "year": int(year), "month": int(month)}
-    # Only what was given: the notebook's own defaults stay documented in one place.
-    parameters.update(
-        {k: v for k, v in {"model": model, "input_file": input_file, "output_file": output_file}.items() if v}
-    )
+    parameters = {
+        "taxi_type": taxi_type,
+        "year": int(year),
+        "month": int(month),
+        **{k: v for k, v in given.items() if v},
+    }
+    options = {"kernel_name": kernel_name, "cwd": str(source.parent), "progress_bar": False, "log_output": False}
     try:
-        papermill.execute_notebook(
-            str(source),
-            str(partial),
-            parameters=parameters,
-            kernel_name=kernel_name,
-            cwd=str(source.parent),
-            progress_bar=False,
-            log_output=False,
-        )
+        papermill.execute_notebook(str(source), str(partial), parameters=parameters, **options)
     except PapermillExecutionError as exc:
         label = f"{taxi_type} {int(year):04d}-{int(month):02d}"
         if exc.ename == ReportStopped.__name__:

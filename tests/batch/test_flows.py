@@ -1,8 +1,7 @@
-"""The Prefect flows in this process against a real Prefect server, S3 and MLflow (the work pool: test_pool.py)."""
+"""The Prefect flows in this process against a real Prefect server, S3 and MLflow (faults: test_faults.py)."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pandas as pd
@@ -25,6 +24,21 @@ def _client():
     return get_client(sync_client=True)
 
 
+def task_states(flow_run_id, count: int, timeout: float = 20) -> list[str]:
+    """The final state names of a flow run's `count` task runs, by task run name (the server
+    records task states from events, in batches: they may lag the flow's end by a second)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    deadline = time.monotonic() + timeout
+    while True:
+        with _client() as client:
+            found = sorted(client.read_task_runs(flow_run_filter=runs), key=lambda r: r.name)
+        if len(found) == count and all(r.state.is_final() for r in found) or time.monotonic() > deadline:
+            return [r.state.name for r in found]
+        time.sleep(0.2)
+
+
 def test_flow_end_to_end(batch_stack, batch_model, s3_input, synthetic_months):
     from ride_duration.batch.flows import ride_duration_prediction
 
@@ -43,9 +57,11 @@ def test_flow_end_to_end(batch_stack, batch_model, s3_input, synthetic_months):
     assert 2 < result["rmse"] < 15  # synthetic month, model trained on January
     assert result["rmse"] == pytest.approx((written["diff"] ** 2).mean() ** 0.5)
 
-    # Idempotent: the same month and model again -> the same single object, replaced.
+    # The same month, model and input again: its persisted summary, nothing rescored.
     again = ride_duration_prediction(taxi_type="green", run_id=batch_model.run_id, run_date="2021-03-02")
-    assert again["output_file"] == result["output_file"]
+    assert again == result and _read(result["output_file"])["ride_id"].equals(written["ride_id"])
+    # force: scored again, the one object replaced.
+    ride_duration_prediction(taxi_type="green", run_id=batch_model.run_id, run_date="2021-03-02", force=True)
     assert list_keys(bucket, "taxi_type=green/year=2021/month=02/") == [expected_key]
     assert not _read(result["output_file"])["ride_id"].isin(written["ride_id"]).any()
 
@@ -54,92 +70,58 @@ def test_flow_end_to_end(batch_stack, batch_model, s3_input, synthetic_months):
     assert run.state.is_completed() and run.parameters["run_date"].startswith("2021-03-02")
 
 
-def test_local_backfill_scores_the_months_here_as_subflows(batch_stack, batch_model, s3_input):
-    """--local: no workers; each month is a subflow of the backfill in this process, one
-    after the other, with the model version resolved once."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
+def test_backfill_is_one_flow_run_with_a_task_per_month_and_skips_scored_months(batch_stack, batch_model, s3_input):
     from ride_duration.batch.flows import ride_duration_prediction_backfill
 
-    state = ride_duration_prediction_backfill(
-        taxi_type="green",
-        run_id="production",
-        start_date="2021-01",
-        end_date="2021-02",
-        workers=False,
-        return_state=True,
-    )
-    assert state.is_completed(), state.message
-    results = state.result()
-    assert [(r["year"], r["month"]) for r in results] == [(2021, 1), (2021, 2)]
-    for r in results:
-        assert object_exists(r["output_file"]) and f"month={r['month']:02d}/" in r["output_file"]
-        assert len(_read(r["output_file"])) == r["rows"] > 0
-        assert r["model_version"] == batch_model.run_id
+    def backfill(**options):
+        state = ride_duration_prediction_backfill(
+            taxi_type="green",
+            run_id="production",
+            start_date="2021-01",
+            end_date="2021-02",
+            return_state=True,
+            **options,
+        )
+        assert state.is_completed(), state.message
+        return state.result(), task_states(state.state_details.flow_run_id, 2)
 
-    children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id]))
-    with _client() as client:
-        months = sorted(client.read_flow_runs(flow_run_filter=children), key=lambda run: run.start_time)
-    assert [run.parameters["run_date"][:10] for run in months] == ["2021-02-02", "2021-03-02"]
-    assert all(run.state.is_completed() and run.deployment_id is None for run in months)
-    assert months[0].end_time <= months[1].start_time  # one after the other
+    first, _ = backfill(force=True)
+    assert [(r["year"], r["month"]) for r in first] == [(2021, 1), (2021, 2)]
+    for r in first:
+        assert len(_read(r["output_file"])) == r["rows"] > 0 and r["model_version"] == batch_model.run_id
 
-
-def test_stack_prefect_server_batches_its_writes(batch_stack):
-    """The stack's Prefect server commits task-run events in batches (fewer SQLite
-    lock collisions with subflow creation); read back from the running server."""
-    import httpx
-
-    settings = httpx.get(f"{os.environ['PREFECT_API_URL']}/admin/settings", timeout=10).json()
-    services = settings["server"]["services"]
-    assert services["task_run_recorder"]["batch_size"] == 100
-    assert services["task_run_recorder"]["flush_interval"] == 1.0
-    assert services["event_persister"]["batch_size"] == 500
+    again, states = backfill()
+    assert again == first and states == ["Cached", "Cached"]
+    _, states = backfill(force=True)
+    assert states == ["Completed", "Completed"]
 
 
 def test_missing_month_fails_clearly_and_writes_nothing(batch_stack, batch_model, s3_input, capsys):
     from ride_duration.batch import cli
-    from ride_duration.batch.flows import ride_duration_prediction_backfill
+    from ride_duration.batch.flows import MonthsFailed, ride_duration_prediction_backfill
 
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(MonthsFailed) as info:
         ride_duration_prediction_backfill(
-            taxi_type="green", run_id=batch_model.run_id, start_date="2021-02", end_date="2021-03", workers=False
+            taxi_type="green", run_id=batch_model.run_id, start_date="2021-02", end_date="2021-03"
         )
-    message = str(info.value)
-    assert "1 of 2 month(s) failed" in message
-    assert f"no input for green 2021-03: {s3_input}/green_tripdata_2021-03.parquet does not exist" in message
+    assert str(info.value).startswith(
+        f"1 of 2 month(s) failed: no input for green 2021-03: {s3_input}/green_tripdata_2021-03.parquet does not exist"
+    )
     assert list_keys(get_settings().predictions_bucket, "taxi_type=green/year=2021/month=03/") == []
 
     # The thin CLI: exit 1 and one sentence naming the month.
     assert cli.score_main(["--year", "2021", "--month", "3", "--run-id", batch_model.run_id]) == 1
-    assert "error: no input for green 2021-03" in capsys.readouterr().err
+    assert "error: 1 of 1 month(s) failed: no input for green 2021-03" in capsys.readouterr().err
 
 
-def test_cli_backfill_local_prints_each_month_and_runs_without_a_heartbeat_thread(
-    batch_stack, batch_model, s3_input, capsys, monkeypatch
-):
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
-
-    from ride_duration.batch import cli, flows
+def test_cli_backfill_prints_each_month(batch_stack, batch_model, s3_input, capsys):
+    from ride_duration.batch import cli
 
     args = ["--start", "2021-02", "--end", "2021-02", "--local", "--run-id", batch_model.run_id]
     assert cli.backfill_main(args) == 0
     (line,) = capsys.readouterr().out.splitlines()
     output = f"s3://{get_settings().predictions_bucket}/taxi_type=green/year=2021/month=02/{batch_model.run_id}.parquet"
     assert line.startswith("2021-02 ") and line.endswith(f"-> {output}") and object_exists(output)
-
-    # The flow the CLI runs sees no heartbeat setting (nothing watches a backfill's; Prefect joins the
-    # thread at the end in 1 s steps); outside it Prefect's default is back.
-    seen = {}
-
-    def backfill(**kwargs):
-        seen.update(kwargs, heartbeat=PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value())
-        return []
-
-    monkeypatch.setattr(flows, "ride_duration_prediction_backfill", backfill)
-    assert cli.backfill_main(args) == 0
-    assert seen["heartbeat"] is None and seen["workers"] is False
-    assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180
 
 
 # ----------------------------------------------------------------------------- which model, tracking server down
@@ -176,7 +158,7 @@ def test_model_id_and_experiment_id_score_a_month_with_the_tracking_server_down(
 
     s3_client(get_settings()).delete_object(Bucket=bucket, Key=key)
 
-    assert cli.score_main(["--year", "2021", "--month", "2"]) == 0, capsys.readouterr().err
+    assert cli.score_main(["--year", "2021", "--month", "2", "--force"]) == 0, capsys.readouterr().err
     assert f"model {batch_model.s3_uri} (run {batch_model.run_id})" in capsys.readouterr().err
     assert object_exists(f"s3://{bucket}/{key}")
     assert (_read(f"s3://{bucket}/{key}")["model_version"] == batch_model.run_id).all()

@@ -14,7 +14,7 @@ import pytest
 from ride_duration import registry
 from ride_duration.aws import storage_options
 from ride_duration.batch import paths as batch_paths
-from ride_duration.batch import scoring
+from ride_duration.batch import predicting, reading, scoring
 from ride_duration.config import get_settings
 from ride_duration.tlc import load_training_dataframe
 
@@ -60,7 +60,7 @@ def test_months_and_run_dates():
 
 
 def test_generate_uuids_are_unique_version_4():
-    ids = scoring.generate_uuids(100_000).to_pylist()
+    ids = predicting.generate_uuids(100_000).to_pylist()
     assert len(set(ids)) == len(ids)
     for value in ids[:1000]:
         parsed = uuid.UUID(value)
@@ -78,7 +78,7 @@ def test_save_results_schema_and_unique_ids(feb, tmp_path):
     out = tmp_path / "out" / "result.parquet"
     scoring.save_results(feb, preds, RUN_ID, str(out), get_settings())
     df = pd.read_parquet(out)
-    assert list(df.columns) == list(scoring.RESULT_COLUMNS)
+    assert list(df.columns) == list(predicting.RESULT_COLUMNS)
     assert len(df) == len(feb) and df["ride_id"].is_unique
     assert (df["model_version"] == RUN_ID).all()
     np.testing.assert_allclose(df["diff"], feb["duration"] - 10.0)
@@ -153,7 +153,7 @@ def test_missing_column_is_named(tmp_path, synthetic_months, batch_stack):
         "green", 2021, 2, RUN_ID, settings=get_settings(), input_file=str(bad), output_file=str(tmp_path / "o.parquet")
     )
     with pytest.raises(
-        scoring.InputUnreadable, match=rf"^green 2021-02: {bad} is missing required column\(s\): trip_distance$"
+        reading.InputUnreadable, match=rf"^green 2021-02: {bad} is missing required column\(s\): trip_distance$"
     ):
         scoring.score_month(paths, _ConstantModel(), RUN_ID, settings=get_settings())
     assert not (tmp_path / "o.parquet").exists()
@@ -162,7 +162,7 @@ def test_missing_column_is_named(tmp_path, synthetic_months, batch_stack):
 def test_missing_month_names_month_and_location(batch_stack, s3_input, tmp_path, monkeypatch):
     paths = batch_paths.get_paths("2021-04-02", "green", RUN_ID, get_settings())
     with pytest.raises(
-        scoring.InputNotFound, match=r"green 2021-03: s3://.*/green_tripdata_2021-03\.parquet does not exist"
+        reading.InputNotFound, match=r"green 2021-03: s3://.*/green_tripdata_2021-03\.parquet does not exist"
     ):
         scoring.score_month(paths, _ConstantModel(), RUN_ID, settings=get_settings())
     assert not object_exists(paths.output_file)
@@ -172,7 +172,7 @@ def test_missing_month_names_month_and_location(batch_stack, s3_input, tmp_path,
     monkeypatch.setenv("TLC_MIRROR", str(tmp_path))
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "cache"))
     paths = batch_paths.get_paths("2021-04-02", "green", RUN_ID, get_settings())
-    with pytest.raises(scoring.InputNotFound, match=rf"green 2021-03: .*{tmp_path}/green_tripdata_2021-03\.parquet"):
+    with pytest.raises(reading.InputNotFound, match=rf"green 2021-03: .*{tmp_path}/green_tripdata_2021-03\.parquet"):
         scoring.score_month(paths, _ConstantModel(), RUN_ID, settings=get_settings())
     assert not (tmp_path / "cache" / "green_tripdata_2021-03.synthetic.parquet").exists()
 
@@ -190,7 +190,7 @@ def test_mirror_input_scores_like_direct_prediction(batch_stack, batch_model, re
     ref = registry.resolve_model("production", get_settings())
     alias = MlflowClient().get_model_version_by_alias(get_settings().model_name, "production")
     assert ref.run_id == alias.run_id and ref.uri == f"models:/{alias.name}/{alias.version}"
-    model, version = scoring.load_cached_model(ref.uri, get_settings())
+    model, version = scoring.load_model_ref(ref, get_settings())
     paths = dataclasses.replace(
         batch_paths.get_paths("2021-03-02", "green", ref.run_id, get_settings()),
         output_file=str(tmp_path / "feb.parquet"),
@@ -199,7 +199,7 @@ def test_mirror_input_scores_like_direct_prediction(batch_stack, batch_model, re
     month = load_training_dataframe(
         real_data_dir / "green_tripdata_2021-02.parquet", get_settings()
     )  # the course's 61,921
-    expected, rejects = scoring.split_rides(month)
+    expected, rejects = reading.split_rides(month)
     written = pd.read_parquet(tmp_path / "feb.parquet")
     # Real February 2021: 26 rides over 500 miles (up to 102,621) are rejected, like any invalid ride.
     assert len(month) == result.rows + result.rejected == 61921
@@ -224,7 +224,7 @@ def test_design_matrix_equals_dictvectorizer(batch_model, trained_model, feb):
     vocabulary = pipeline[0].vocabulary_
     unseen = next((pu, do) for pu in range(1, 266) for do in range(1, 266) if f"PU_DO={pu}_{do}" not in vocabulary)
     rides.loc[0, ["PULocationID", "DOLocationID"]] = unseen  # valid zones, a pair unseen in training
-    fast = scoring.design_matrix(pipeline, rides)
+    fast = predicting.design_matrix(pipeline, rides)
     reference = pipeline[0].transform(prepare_features(rides))
     assert fast.shape == reference.shape and (fast != reference).nnz == 0
     np.testing.assert_array_equal(
@@ -233,7 +233,7 @@ def test_design_matrix_equals_dictvectorizer(batch_model, trained_model, feb):
 
     bad = rides.astype({"trip_distance": object})
     bad.loc[3, "trip_distance"] = "far"
-    assert scoring.design_matrix(pipeline, bad) is None
+    assert predicting.design_matrix(pipeline, bad) is None
     with pytest.raises(ValueError, match="ride 3: field 'trip_distance' must be a number"):
         scoring.predict_durations(pipeline, bad)
 
@@ -243,8 +243,8 @@ def test_predict_durations_never_lets_invalid_rides_reach_the_model(trained_mode
     naming no ride; a negative distance was scored. Both are refused, naming the ride."""
     pipeline = trained_model["pipeline"]
     seen = []
-    real = scoring.design_matrix
-    monkeypatch.setattr(scoring, "design_matrix", lambda model, df: seen.append(len(df)) or real(model, df))
+    real = predicting.design_matrix
+    monkeypatch.setattr(predicting, "design_matrix", lambda model, df: seen.append(len(df)) or real(model, df))
     for value, shown in ((1e39, "1e+39"), (-5.0, "-5.0")):
         rides = feb.copy()
         rides.loc[7, "trip_distance"] = value
@@ -307,7 +307,7 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
     }
     assert result.rejects_file == f"{paths.output_file.rpartition('/')[0]}/_{RUN_ID}.rejects.parquet"
     rejects = _read_s3(result.rejects_file)
-    assert list(rejects.columns) == list(scoring.REJECT_COLUMNS)
+    assert list(rejects.columns) == list(reading.REJECT_COLUMNS)
     assert rejects["row"].tolist() == sorted(bad)
     assert (
         dict(zip(rejects["row"], rejects["reason"]))[kept[500]]
@@ -319,7 +319,7 @@ def test_bad_rows_are_rejected_and_the_month_is_scored(batch_stack, trained_mode
     written = _read_s3(paths.output_file)
     assert len(written) == result.rows and (written["trip_distance"] >= 0).all()
     assert written["PULocationID"].dtype == "int64" and written["PULocationID"].between(1, 265).all()
-    valid = scoring.split_rides(load_training_dataframe(month, get_settings()))[0]
+    valid = reading.split_rides(load_training_dataframe(month, get_settings()))[0]
     np.testing.assert_allclose(written["predicted_duration"], scoring.predict_durations(pipeline, valid))
     assert result.rmse == pytest.approx(np.sqrt(np.mean(written["diff"] ** 2)))
     # The `_` prefix keeps the rejects out of the predictions dataset read as a folder.
@@ -347,7 +347,7 @@ def test_more_than_one_percent_bad_rows_fails_the_month_and_publishes_nothing(
     )
     paths = _feb_paths(tmp_path, month, name="too-many")
     share = f"{n_bad / len(kept):.1%}"
-    with pytest.raises(scoring.TooManyRejects) as info:
+    with pytest.raises(reading.TooManyRejects) as info:
         scoring.score_month(paths, trained_model["pipeline"], RUN_ID, batch_size=500, settings=get_settings())
     assert str(info.value) == (
         f"green 2021-02: {n_bad} of {len(kept):,} rides of 1-60 minutes in {month} ({share}) break the ride contract, "
@@ -380,7 +380,7 @@ def test_truncated_parquet_names_file_and_month(batch_stack, synthetic_months, t
     paths = batch_paths.month_paths(
         "green", 2021, 2, RUN_ID, settings=get_settings(), input_file=location, output_file=str(tmp_path / "o.parquet")
     )
-    with pytest.raises(scoring.InputUnreadable) as info:
+    with pytest.raises(reading.InputUnreadable) as info:
         scoring.score_month(paths, _ConstantModel(), RUN_ID, settings=get_settings())
     assert str(info.value).startswith(f"green 2021-02: {location} could not be read as parquet: ")
     assert "\n" not in str(info.value)

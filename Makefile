@@ -84,15 +84,18 @@ bench-stream: venv ## a Kinesis batch vs the 2022 design; the cold start vs its 
 	$(PY) -m benchmarks.stream
 
 # --- part 5: batch -------------------------------------------------------------
+.PHONY: worker
 score: venv ## papermill report for MONTH=YYYY-MM into reports/
 	$(PY) scripts/score_report.py --taxi-type $(TAXI) --month $(MONTH)
-backfill: venv ## score 2021-01..02 on the work pool's workers (make workers first); LOCAL=1: in this process
-	$(PY) scripts/score_backfill.py --taxi-type $(TAXI) --start 2021-01 --end 2021-02 $(if $(LOCAL),--local)
-deploy: venv ## create the work pool and the `monthly` deployment on it (workers run its months)
+backfill: venv ## score 2021-01..02 in one flow run (scored months are skipped; FORCE=1 rescores; DASK=tcp://host:8786 scales out)
+	$(PY) scripts/score_backfill.py --taxi-type $(TAXI) --start 2021-01 --end 2021-02 $(if $(FORCE),--force) $(if $(DASK),--dask $(DASK))
+deploy: venv ## create the work pool `ride-duration` and the `monthly` deployment on it (idempotent)
 	$(PY) -m workbench.stack run -- $(PY) -m ride_duration.batch deploy
-workers: venv ## start N local workers on the pool (N=2; KIND=process: Prefect's own); services-down stops them
-	$(PY) -m workbench.workers start $(or $(N),2) --kind $(or $(KIND),warm)
-bench-batch: venv ## a 12-month backfill: directly vs through the pool (1 worker, 2 pinned, 1 pinned)
+worker: venv ## Prefect's worker on the pool, in the foreground: it runs the deployment's months
+	$(PY) -m workbench.stack run -- $(VENV)/bin/prefect worker start --pool ride-duration
+workers: venv ## start N such workers in the background (N=2; a demo of several machines); services-down stops them
+	$(PY) -m workbench.workers start $(or $(N),2)
+bench-batch: venv ## a 12-month backfill: plain loop vs one flow run; Dask 2 workers vs 1, pinned; the work pool's cost
 	$(PY) -m benchmarks.batch
 bench-images: venv ## each image's installed size, replayed from its Pipfile.lock categories
 	$(PY) -m benchmarks.images

@@ -95,7 +95,6 @@ class Settings:
     model_uri: str | None
     model_id: str | None
     experiment_id: str | None
-    run_id: str | None
     input_stream: str
     predictions_stream: str
     test_run: bool
@@ -107,10 +106,6 @@ class Settings:
     @property
     def registry_uri(self) -> str:
         return f"models:/{self.model_name}@{self.model_alias}"
-
-    @property
-    def is_local_stack(self) -> bool:
-        return bool(self.aws_endpoint_url)
 
     @property
     def dead_letter_prefix(self) -> str:
@@ -167,7 +162,6 @@ def get_settings() -> Settings:
         model_uri=env("MODEL_URI") or None,
         model_id=env("MODEL_ID") or None,
         experiment_id=env("EXPERIMENT_ID") or None,
-        run_id=env("RUN_ID") or None,
         input_stream=env("INPUT_STREAM_NAME") or INPUT_STREAM,
         predictions_stream=env("PREDICTIONS_STREAM_NAME") or PREDICTIONS_STREAM,
         test_run=_flag(env("TEST_RUN")),

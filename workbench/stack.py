@@ -8,8 +8,7 @@
   transient on AWS too). It runs as moto's stock server (`python -m moto.server`); `up`
   names any S3 endpoint setting that points at it, since moto would keep those objects in memory.
 - MLflow: `mlflow server`, sqlite backend under `.local/`, artifacts in local S3.
-- Prefect: `prefect server start` (for the batch part), sqlite under `.local/`, its write
-  transactions queueing for SQLite's lock instead of failing (`workbench.prefect_server`).
+- Prefect: `prefect server start` as shipped (for the batch part), sqlite under `.local/`.
 
 Every server listens on 127.0.0.1 only. Processes run in the background with logs
 under `.local/logs/`, pid files and the ports in use under `.local/run/` (so a new
@@ -370,7 +369,7 @@ class LocalStack:
             ):
                 env.setdefault(f"PREFECT_SERVER_SERVICES_{key}", value)
             env.pop("PREFECT_API_URL", None)
-            return [py, "-m", "workbench.prefect_server", "--host", HOST, "--port", port], env
+            return [py, "-m", "prefect", "server", "start", "--host", HOST, "--port", port], env
         raise ValueError(name)
 
     def _weed_command(self, env: dict) -> tuple[list[str], dict]:

@@ -31,4 +31,8 @@ def record(section: str, values: dict) -> Path:
     }
     FIGURES.parent.mkdir(exist_ok=True)
     FIGURES.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    # The page that quotes the figures is rendered with them, so the two never disagree.
+    from benchmarks import report
+
+    report.PAGE.write_text(report.render(figures))
     return FIGURES

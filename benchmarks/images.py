@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         limit = TARGET * BASELINE_MB
         verdict = "meets" if lam["mb"] <= limit else "MISSES"
         print(
-            f"\nLambda image: {lam['mb']:.0f} MB = {lam['mb'] / BASELINE_MB:.1%} of the issue's {BASELINE_MB:,} MB; "
+            f"\nLambda image: {lam['mb']:.0f} MB = {lam['mb'] / BASELINE_MB:.1%} of the {BASELINE_MB:,} MB the image had on Python 3.11; "
             f"target <= {TARGET:.0%} ({limit:.0f} MB): {verdict} it; own packages <= {LAMBDA_LIMIT_MB} MB: "
             f"{'meets' if lam['mb'] <= LAMBDA_LIMIT_MB else 'MISSES'} it"
         )

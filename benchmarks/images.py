@@ -24,7 +24,7 @@ from pathlib import Path
 from benchmarks.figures import record
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINE_MB = 1035  # issue 12: the old [packages] set (with onnxruntime, skl2onnx), same replay
+BASELINE_MB = 1035  # the former [packages] set (with onnxruntime, skl2onnx), same replay
 TARGET = 0.5  # the Lambda image's install: at most half of the baseline
 
 LAMBDA_LIMIT_MB = 150  # the function's own packages (boto3 is the Lambda base image's)

@@ -71,7 +71,7 @@ def test_bad_record_over_http_is_dead_lettered(invoke_url, canonical_event):
 
 
 def test_issue_repro_out_of_range_distance_costs_no_other_ride(invoke_url, canonical_event, trained_model):
-    """Issue 11: {"Records": [<trip_distance 1e308>, <valid>]} answered 200 with X-Amz-Function-Error: Unhandled."""
+    """{"Records": [<trip_distance 1e308>, <valid>]} answered 200 with X-Amz-Function-Error: Unhandled."""
     far = record_with(
         canonical_event,
         "1",

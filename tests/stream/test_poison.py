@@ -1,4 +1,4 @@
-"""Issue 11, item 1: one bad record never costs another its prediction.
+"""One bad record never costs another its prediction.
 
 Each input that used to fail a whole invocation, mixed into one 100-record batch on
 the session's local Kinesis, through the event-source runner and the registered

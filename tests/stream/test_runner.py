@@ -212,7 +212,7 @@ def test_exhausted_retries_send_the_failing_part_to_the_destination(kinesis, s3,
     assert stats.failed_records == 3 and checkpoint.get("shardId-000000000000") == seqs[-1]
 
 
-# ---------------------------------------------------------------- the stream's incarnation (issue 11, item 2)
+# ---------------------------------------------------------------- the stream's incarnation
 def collecting_handler(stub_model):
     written = []
     return ModelService(stub_model, "v", callbacks=[written.extend]).lambda_handler, written

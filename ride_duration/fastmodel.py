@@ -21,6 +21,21 @@ and the standard library only, so a Lambda or web start does not import
 scikit-learn, skops or MLflow, nor rebuild sklearn objects. The MLflow model
 (the sklearn pipeline, skops format) stays the source of truth and the
 fallback: training builds this form from it and `check_against` it.
+
+Why code of our own: the kept tools for serving a forest were measured against it, on
+the course's model (100 trees, depth 20, 13,221 one-hot columns) and one 2-core machine.
+This walk answers one ride about 70 times faster than scikit-learn, bit for bit, and a
+Lambda cold start with it takes 1.1 times its floor (`make bench-stream`, figures in
+docs/benchmarks.md).
+- ONNX Runtime (through skl2onnx): the double-precision forest skl2onnx writes does not
+  load in ONNX Runtime 1.32, and the float32 one changes predictions (float32 leaf sums).
+- treelite 4.8's GTIL (`treelite.sklearn.import_model`, `treelite.gtil.predict`), tried
+  side by side: bit-equal to scikit-learn only when fed float32 rows (float64 rows are
+  compared with float64 thresholds: up to 5 minutes off on 2,000 rides of February
+  2021). It takes a dense matrix, so DictVectorizer's sparse row must be made dense
+  first, and one ride took 4 to 7 times this walk's time for the predict call alone,
+  about 30 times with that conversion; its wheel adds a native library to the images.
+  Not kept.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Load-testing the service: the same load against three gunicorn servers.
 
-(a) the project: `create_app()` with gunicorn.conf.py (fast runtime, 2 gevent workers)
+(a) the project: `create_app()` with gunicorn.conf.py (fast runtime, 2 stock gevent workers)
 (b) the 2022 course: Flask + gunicorn with 1 sync worker, the sklearn forest with
     n_jobs=-1 predicting each request
 (c) a hello-world endpoint with gunicorn.conf.py: the ceiling for Flask + gunicorn here
@@ -14,6 +14,7 @@ so compare the ratios measured side by side, not the absolute numbers.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import statistics
@@ -24,11 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from flask import Flask, jsonify, request
 
+from benchmarks.figures import record
 from ride_duration.config import get_settings
 from ride_duration.features import EXAMPLE_RIDE
-from ride_duration.predict import make_prediction
+from ride_duration.predict import load_serving_model, make_prediction
 from ride_duration.registry import load_model
+from ride_duration.web import create_app
 from ride_duration.web.app import new_app
+from ride_duration.web.payload import parse_json, validate_rides
 from workbench.gunicorn import GunicornServer
 from workbench.stack import free_port
 
@@ -259,6 +263,59 @@ def format_table(results: list[LoadResult]) -> str:
     return "\n".join(lines)
 
 
+def _per_call_ms(fn, calls: int = 2000) -> float:
+    """Best of 5 runs of `calls // 5` calls, in ms per call (the least disturbed by the machine's other work)."""
+    for _ in range(100):
+        fn()
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls // 5):
+            fn()
+        runs.append((time.perf_counter() - start) / (calls // 5) * 1000)
+    return min(runs)
+
+
+def request_breakdown(settings) -> dict:
+    """Where one request's time goes in the app, timed in this process: the WSGI call of the
+    service and of hello world (a request as gunicorn hands it over), and the service's own steps.
+
+    What the service adds to hello world is its steps; the rest of (a)'s cost per request
+    beside (c)'s, in the load test, is the worker's (gunicorn's parsing and writing, gevent)."""
+    body = json.dumps(EXAMPLE_RIDE).encode()
+
+    def wsgi_call(app) -> None:
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/predict",
+            "SERVER_NAME": "bench",
+            "SERVER_PORT": "80",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": str(len(body)),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.input_terminated": True,  # as gunicorn sets it
+            "wsgi.errors": io.StringIO(),
+        }
+        b"".join(app(environ, lambda status, headers, exc_info=None: None))
+
+    model, _ = load_serving_model(None, settings)
+    service, hello = create_app(model, "bench"), create_hello_app()
+    features, _ = validate_rides(parse_json(body))
+    with service.app_context():
+        steps = {
+            "json_in_and_validation": _per_call_ms(lambda: validate_rides(parse_json(body))),
+            "model_call": _per_call_ms(lambda: model.predict(features)),
+            "json_out": _per_call_ms(lambda: jsonify(duration=1.0, model_version="bench")),
+        }
+    return {
+        "service_app_ms": _per_call_ms(lambda: wsgi_call(service)),
+        "hello_app_ms": _per_call_ms(lambda: wsgi_call(hello)),
+        **{f"{name}_ms": value for name, value in steps.items()},
+    }
+
+
 def measure_start(app: str, repeats: int = 5, env: dict | None = None) -> float:
     """Median seconds from launching gunicorn (gunicorn.conf.py) to its first answered /health."""
     times = []
@@ -291,12 +348,37 @@ def main(argv=None) -> int:
         print(f"error: a server did not start: {exc}", file=sys.stderr)
         return 1
     print(format_table(results))
+    steps = request_breakdown(get_settings())
+    print(
+        "\none request in the app (WSGI call, this process): service {service_app_ms:.3f} ms, hello world "
+        "{hello_app_ms:.3f} ms; the service's steps: JSON in + validation {json_in_and_validation_ms:.3f} ms, "
+        "model call {model_call_ms:.3f} ms, JSON out {json_out_ms:.3f} ms".format(**steps)
+    )
     service = measure_start("ride_duration.web:create_app()")
     floor = measure_start("benchmarks.web:create_hello_app()")
     print(
         f"\nstart to first /health, medians of 5: service {service:.2f} s (loads the model's serving form), "
         f"hello world {floor:.2f} s (gunicorn + Flask, no model): {service / floor:.2f}x"
     )
+    a, b, c = results
+    record(
+        "web",
+        {
+            "connections": args.connections,
+            "seconds_per_server": args.seconds,
+            "a_req_s": round(a.rps),
+            "b_req_s": round(b.rps, 1),
+            "c_req_s": round(c.rps),
+            "a_over_b": round(a.rps / b.rps, 1),
+            "a_over_c": round(a.rps / c.rps, 2),
+            "a_p50_ms": round(a.percentile(50), 2),
+            "a_p99_ms": round(a.percentile(99), 2),
+            "c_p99_ms": round(c.percentile(99), 2),
+            "one_request_ms": {name.removesuffix("_ms"): round(value, 3) for name, value in steps.items()},
+            "start_s": {"service": round(service, 2), "hello": round(floor, 2), "ratio": round(service / floor, 2)},
+        },
+    )
+    print("figures recorded in docs/figures.json (python -m benchmarks.report renders docs/benchmarks.md)")
     return 0
 
 

@@ -95,10 +95,7 @@ def _flow_run(url: str, run, args, **parameters):
 
 
 def score_main(argv=None) -> int:
-    parser = _parser(
-        "Score ONE month with the Prefect flow, in this process. --year/--month name the month scored "
-        "(2021 2 = February 2021); the flow's run date is 2021-03-02 03:00, as the schedule would use."
-    )
+    parser = _parser("Score ONE month with the Prefect flow, here: --year 2021 --month 2 is run date 2021-03-02 03:00.")
     parser.add_argument("--year", type=int, required=True)
     parser.add_argument("--month", type=int, required=True, choices=range(1, 13), metavar="1-12")
     args = parser.parse_args(argv)
@@ -116,10 +113,7 @@ def score_main(argv=None) -> int:
 
 
 def backfill_main(argv=None) -> int:
-    parser = _parser(
-        "Score every month from --start to --end (inclusive) in one flow run, a task per month; months "
-        "already scored with this model and input are skipped (--force: score them again)."
-    )
+    parser = _parser("Score --start to --end in one flow run, a task per month, skipping months already scored.")
     parser.add_argument("--start", type=_month, required=True, help="first month, YYYY-MM")
     parser.add_argument("--end", type=_month, required=True, help="last month, YYYY-MM")
     parser.add_argument("--dask", metavar="ADDRESS", help="a Dask scheduler (tcp://host:8786): months on its workers")
@@ -184,23 +178,14 @@ def main(argv=None) -> int:
 
     def body():
         _prefect_ready()
-        from .deploy import CRON, TIMEZONE, create_deployment, online_workers, preview_schedule, read_deployment
+        from .deploy import CRON, TIMEZONE, create_deployment, online_workers, read_deployment
 
         with terminal_quiet():
             create_deployment(args.taxi_type, args.model)
         deployment = read_deployment()
-        print(
-            f"deployment {FULL_NAME} on work pool {WORK_POOL!r}: cron {CRON!r} ({TIMEZONE}), "
-            f"tags {deployment.tags}, parameters {deployment.parameters}"
-        )
-        for when in preview_schedule(3):
-            print(f"  next run: {when:%Y-%m-%d %H:%M %Z}")
-        workers = online_workers()
-        print(
-            f"workers online: {', '.join(workers)}"
-            if workers
-            else f"no worker polls {WORK_POOL!r} yet: `make worker`, or `prefect worker start --pool {WORK_POOL}` "
-            "on any machine with this package and the same endpoints"
-        )
+        print(f"deployment {FULL_NAME} on work pool {WORK_POOL!r}: cron {CRON!r} ({TIMEZONE}), tags {deployment.tags}")
+        print(f"parameters {deployment.parameters}; upcoming runs: the deployment's page in the Prefect UI")
+        start = f"`make worker`, or `prefect worker start --pool {WORK_POOL}` on a machine with this package"
+        print(f"workers online: {', '.join(online_workers()) or 'none yet: ' + start}")
 
     return _run(body)

@@ -10,7 +10,7 @@ Prefect's recipe for "zombie" runs). In Jupyter, `await` these calls (they retur
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from uuid import UUID
 
 from prefect import get_client
@@ -22,8 +22,6 @@ from prefect.events.schemas.automations import AutomationCore, EventTrigger, Pos
 from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
-from prefect.server.schemas.schedules import CronSchedule
-from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
 
 from . import DEPLOYMENT_NAME, FULL_NAME, WORK_POOL
@@ -116,12 +114,3 @@ def online_workers(pool: str = WORK_POOL) -> list[str]:
     """Names of the workers the server has a recent heartbeat from, in `pool` (it exists: `ensure_work_pool`)."""
     with get_client(sync_client=True) as client:
         return sorted(w.name for w in client.read_workers_for_work_pool(pool) if w.status.value == "ONLINE")
-
-
-def preview_schedule(n: int = 3, after: datetime | None = None, name: str = FULL_NAME) -> list[datetime]:
-    """The next `n` run times of the deployment, from the cron stored on the server, computed by
-    Prefect's own schedule object (the one its scheduler uses)."""
-    stored = read_deployment(name).schedules[0].schedule
-    schedule = CronSchedule(cron=stored.cron, timezone=stored.timezone, day_or=stored.day_or)
-    dates = run_coro_as_sync(schedule.get_dates(n, start=after or datetime.now(UTC)))
-    return [datetime.fromtimestamp(d.timestamp(), UTC) for d in dates]

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
+from .. import registry
 from ..config import Settings, repo_root
-from ..registry import ModelNotFound, TrackingServerDown, check_tracking_server, default_model_uri, resolve_model
 from ..tlc import describe_training_data
 
 # Imported inside functions, to keep them lazy: mlflow (2-3 s, only to check the model), papermill,
@@ -23,15 +22,13 @@ from ..tlc import describe_training_data
 
 log = logging.getLogger(__name__)
 
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id, as the model parameter may give
-
 NOTEBOOK = "05-batch-scoring.ipynb"
 KERNEL = "ride-duration"
 SUMMARY_TAG = "summary"
 
 
 class ReportFailed(RuntimeError):
-    pass
+    """The report was not made: one sentence (and where the failed notebook is kept)."""
 
 
 class ReportStopped(RuntimeError):
@@ -45,43 +42,26 @@ def servers(settings: Settings) -> str:
     return f"S3: {s3 or 'AWS (no endpoint configured)'}; MLflow: {settings.mlflow_tracking_uri}"
 
 
-def _registry_alias(model: str | None, settings: Settings) -> str | None:
-    """The alias `model` names (a bare word, or None with no MODEL_URI / MODEL_ID configured)."""
-    if model is None:
-        uri = default_model_uri(settings)
-        return settings.model_alias if uri == settings.registry_uri else None
-    if "/" in model or ":" in model or _RUN_ID.match(model):
-        return None
-    return model
-
-
-def _needs_tracking_server(model: str | None, settings: Settings) -> bool:
-    """An alias, a run id or a models:/ or runs:/ URI is resolved by the tracking server;
-    an s3:// or local model, or a service-style MODEL_URI / MODEL_ID (S3), is not."""
-    registry = ("models:/", "runs:/")
-    if model is None:
-        return default_model_uri(settings).startswith(registry)
-    return model.startswith(registry) or not ("/" in model or ":" in model)
-
-
 def require_model(model: str | None, settings: Settings):
     """The model to score with, pinned (`ModelRef`). ReportStopped, one sentence saying
     what to run, when its tracking server is down or no model has the alias."""
-    uri = settings.mlflow_tracking_uri
-    if _needs_tracking_server(model, settings):
+    uri, ref = settings.mlflow_tracking_uri, model or registry.default_model_uri(settings)
+    named = "/" in ref or ":" in ref  # an alias or a run id is a bare word
+    # An alias, a run id or a models:/ or runs:/ URI is resolved by the tracking server; S3 or a folder is not.
+    if ref.startswith(("models:/", "runs:/")) or not named:
         try:
-            check_tracking_server(uri)
-        except TrackingServerDown:
+            registry.check_tracking_server(uri)
+        except registry.TrackingServerDown:
             raise ReportStopped(
                 f"the MLflow tracking server at {uri} is not answering: start the local stack with "
                 "`make services-up`, or point MLFLOW_TRACKING_URI at your server"
             ) from None
     try:
-        return resolve_model(model, settings)
-    except ModelNotFound:
-        alias = _registry_alias(model, settings)
-        if alias is None:
+        return registry.resolve_model(model, settings)
+    except registry.ModelNotFound:
+        if ref != settings.registry_uri and (named or registry.RUN_ID_PATTERN.match(ref)):
             raise  # a model named exactly (run id, URI): its own error says which
+        alias = settings.model_alias if ref == settings.registry_uri else ref
         raise ReportStopped(
             f"there is no model {settings.model_name}@{alias} on the tracking server {uri}: train and "
             "promote one with `make train` (python scripts/train.py --promote), then run the report again"

@@ -71,21 +71,12 @@ class MonthResult:
 
 def summarize(paths: BatchPaths, result: pd.DataFrame, rejects: pd.DataFrame | None = None) -> dict:
     """A month scored step by step (the notebook) in the figures of `MonthResult`, JSON-able."""
-    diff = result["diff"].to_numpy(dtype=float)
-    n_rejected = 0 if rejects is None else len(rejects)
-    return {
-        "taxi_type": paths.taxi_type,
-        "year": paths.year,
-        "month": paths.month,
-        "rows": len(result),
-        "rmse": round(float(np.sqrt(np.mean(diff**2))), 3),
-        "mean_diff": round(float(diff.mean()), 3),
-        "model_version": str(result["model_version"].iloc[0]),
-        "output_file": paths.output_file,
-        "rejected": n_rejected,
-        "rejected_by_reason": reason_counts(rejects) if n_rejected else {},
-        "rejects_file": rejects_location(paths.output_file) if n_rejected else None,
-    }
+    diff, n = result["diff"].to_numpy(dtype=float), 0 if rejects is None else len(rejects)
+    month = {"taxi_type": paths.taxi_type, "year": paths.year, "month": paths.month, "rows": len(result)}
+    figures = {"rmse": round(float(np.sqrt(np.mean(diff**2))), 3), "mean_diff": round(float(diff.mean()), 3)}
+    where = {"model_version": str(result["model_version"].iloc[0]), "output_file": paths.output_file}
+    rejected = {"rejected": n, "rejected_by_reason": reason_counts(rejects) if n else {}}
+    return month | figures | where | rejected | {"rejects_file": rejects_location(paths.output_file) if n else None}
 
 
 def score_month(paths: BatchPaths, model, model_version: str, *, settings: Settings, batch_size=BATCH_SIZE, n_jobs=-1,

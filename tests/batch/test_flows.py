@@ -34,8 +34,8 @@ def task_states(flow_run_id, count: int, timeout: float = 20) -> list[str]:
     while True:
         with _client() as client:
             found = sorted(client.read_task_runs(flow_run_filter=runs), key=lambda r: r.name)
-        if len(found) == count and all(r.state.is_final() for r in found) or time.monotonic() > deadline:
-            return [r.state.name for r in found]
+        if len(found) == count and all(r.state and r.state.is_final() for r in found) or time.monotonic() > deadline:
+            return [r.state.name if r.state else None for r in found]
         time.sleep(0.2)
 
 

@@ -73,7 +73,7 @@ serve: venv ## gunicorn on WEB_BIND (default 0.0.0.0:9696) with the production m
 predict: venv ## post the example ride to the web service
 	$(PY) scripts/predict_client.py --host localhost:9696
 bench-web: venv ## the service vs the 2022 design vs hello world, same load; records docs/figures.json
-	$(PY) -m benchmarks.web && $(PY) -m benchmarks.report
+	$(PY) -m benchmarks.web
 
 # --- part 4: streaming ---------------------------------------------------------
 stream-run: venv ## the local Kinesis event source: invokes the stream function

@@ -378,7 +378,7 @@ def main(argv=None) -> int:
             "start_s": {"service": round(service, 2), "hello": round(floor, 2), "ratio": round(service / floor, 2)},
         },
     )
-    print("figures recorded in docs/figures.json (python -m benchmarks.report renders docs/benchmarks.md)")
+    print("figures recorded in docs/figures.json and docs/benchmarks.md")
     return 0
 
 

@@ -17,7 +17,6 @@ import runpy
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -49,6 +48,14 @@ def parse_dockerfile(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
 INSTRUCTIONS = parse_dockerfile()
 
 
+def base_python() -> Path | None:
+    """This machine's Python of the image's base (`FROM python:3.12-slim` -> a pyenv 3.12), or None."""
+    version = re.match(r"python:(\d+\.\d+)", args_of("FROM")[0]).group(1)
+    versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"), "versions")
+    found = sorted(versions.glob(f"{version}.*/bin/python{version}"))
+    return found[-1] if found else None
+
+
 def args_of(name: str) -> list[str]:
     return [rest for word, rest in INSTRUCTIONS if word == name]
 
@@ -72,7 +79,9 @@ def ignored(name: str) -> bool:
 
 
 def test_base_user_port_and_healthcheck():
-    assert args_of("FROM") == ["python:3.11-slim"]
+    # the Pipfile's Python, so the lock installs as it was resolved
+    version = re.search(r'python_version = "([\d.]+)"', (REPO / "Pipfile").read_text()).group(1)
+    assert args_of("FROM") == [f"python:{version}-slim"]
     users = args_of("USER")
     assert users and users[-1] not in ("root", "0")
     assert args_of("EXPOSE") == [str(WEB_PORT)]
@@ -120,12 +129,15 @@ def test_cmd_matches_the_gunicorn_config():
 
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory):
-    """Replay the Dockerfile's WORKDIR/COPY/pip steps into a fresh venv (the image's Python)."""
+    """Replay the Dockerfile's WORKDIR/COPY/pip steps into a fresh venv of the image's Python."""
     if os.environ.get("WEB_SKIP_INSTALL_TEST"):
         pytest.skip("WEB_SKIP_INSTALL_TEST is set")
+    python = base_python()
+    if python is None:
+        pytest.skip(f"no Python of the image's base ({args_of('FROM')[0]}) on this machine")
     root = tmp_path_factory.mktemp("image")
     venv, workdir = root / "venv", root / "app"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "venv", str(venv)], check=True)
     env = {
         **os.environ,
         "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",

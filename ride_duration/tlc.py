@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +120,6 @@ def sha256_of(path: Path) -> str:
 
 def _copy_local(url: str, output_file, pooch_instance, check_only: bool = False):
     """A pooch downloader for a mirror that is a folder (pooch's own speak http(s), ftp, sftp, doi)."""
-    import shutil
-
     source = Path(url.removeprefix("file://"))
     if check_only:
         return source.is_file()

@@ -251,7 +251,7 @@ def test_aws_profile_used_when_endpoint_unset(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     assert s3_client(get_settings()).meta.endpoint_url == "https://s3.eu-west-1.amazonaws.com"
     assert "endpoint_url" not in storage_options("s3://b/k", get_settings())["client_kwargs"]
-    assert config.get_settings().is_local_stack is False
+    assert config.get_settings().aws_endpoint_url is None
 
 
 # ------------------------------------------------------------------ crash of the stack (issue 11, item 4)

@@ -1,11 +1,9 @@
 """Batch deployment (part 5): score a month of rides, orchestrated by Prefect.
 
-- `paths`: which month a run scores, where it reads and writes (hive partitions).
-- `reading`, `predicting`, `writing`: a month's steps; `scoring`: the month loop (no orchestrator).
-- `flows`: the Prefect 3 task and flows: one month, and a backfill that is one flow run.
-- `deploy`: the process work pool and the `monthly` deployment (cron `0 3 2 * *`).
-- `report`: the papermill run of notebooks/05-batch-scoring.ipynb into reports/.
-- `cli`: `python -m ride_duration.batch deploy | schedule | score | backfill | report`.
+- `paths`: which month a run scores and where; `reading`, `predicting`, `writing`: a month's steps;
+  `scoring`: the month loop (no orchestrator); `report`: notebook 05 run by papermill.
+- `flows`: the Prefect task and flows (a month; a backfill, one flow run); `deploy`: the work pool
+  and the `monthly` deployment; `cli`: `python -m ride_duration.batch deploy | score | backfill | report`.
 """
 
 # Here rather than in `flows` so that the CLI and the workbench name them without importing Prefect (2-3 s).

@@ -49,22 +49,22 @@ def _prefect_ready() -> str:
 @contextlib.contextmanager
 def terminal_quiet():
     """The root logger's handlers (Prefect's console) silenced; its records still reach the server."""
-    handlers = list(logging.getLogger().handlers)
-    levels = [handler.level for handler in handlers]
-    for handler in handlers:
+    levels = {handler: handler.level for handler in logging.getLogger().handlers}
+    for handler in levels:
         handler.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
-        for handler, level in zip(handlers, levels):
+        for handler, level in levels.items():
             handler.setLevel(level)
 
 
-def _run(body) -> int:
+def _run(body, prefect: bool = True) -> int:
+    """`body(the Prefect UI's address)` once `.env` is loaded; its failure as one sentence, exit 1."""
+    get_settings()  # loads `.env` into the environment
     try:
-        body()
+        body(_prefect_ready() if prefect else None)
     except (OSError, LookupError, ValueError, RuntimeError) as exc:
-        # A missing month, no model, bad columns, S3 down, failed months: one sentence, exit 1.
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -73,11 +73,8 @@ def _run(body) -> int:
 def _parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--taxi-type", default="green", choices=TAXI_TYPES)
-    parser.add_argument(
-        "--run-id",
-        help="model: an MLflow run id, an alias, a models:/ or S3 URI, a folder (default: as the "
-        "services: MODEL_URI, MODEL_ID + EXPERIMENT_ID from S3, else the production alias)",
-    )
+    model = "model: a run id, an alias, a models:/ or S3 URI, a folder (default: the services', see registry)"
+    parser.add_argument("--run-id", help=model)
     parser.add_argument("--force", action="store_true", help="score months again even if scored with this model")
     return parser
 
@@ -99,10 +96,8 @@ def score_main(argv=None) -> int:
     parser.add_argument("--year", type=int, required=True)
     parser.add_argument("--month", type=int, required=True, choices=range(1, 13), metavar="1-12")
     args = parser.parse_args(argv)
-    get_settings()  # loads `.env`
 
-    def body():
-        url = _prefect_ready()
+    def body(url):
         from .flows import ride_duration_prediction
         from .paths import run_date_for
 
@@ -119,26 +114,20 @@ def backfill_main(argv=None) -> int:
     parser.add_argument("--dask", metavar="ADDRESS", help="a Dask scheduler (tcp://host:8786): months on its workers")
     parser.add_argument("--local", action="store_true", help="the months in this process (the default)")
     args = parser.parse_args(argv)
-    get_settings()
 
-    def body():
-        url = _prefect_ready()
+    def body(url):
         from .flows import run_backfill
 
         print(f"backfill {args.start}..{args.end} {'on ' + args.dask if args.dask else 'here'}", file=sys.stderr)
         for r in _flow_run(url, run_backfill, args, dask=args.dask, start_date=args.start, end_date=args.end):
-            print(
-                f"{r['year']:04d}-{r['month']:02d}  {r['rows']:>9,d} rides  RMSE {r['rmse']:.3f}  "
-                f"{r['rejected']:>5,d} rejected  -> {r['output_file']}"
-            )
+            month = f"{r['year']:04d}-{r['month']:02d}  {r['rows']:>9,d} rides  RMSE {r['rmse']:.3f}"
+            print(f"{month}  {r['rejected']:>5,d} rejected  -> {r['output_file']}")
 
     return _run(body)
 
 
 def report_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description="papermill: notebooks/05 for a month into reports/<taxi>-<YYYY>-<MM>.ipynb"
-    )
+    parser = argparse.ArgumentParser(description="papermill: notebook 05 for a month into reports/")
     parser.add_argument("--taxi-type", default="green", choices=TAXI_TYPES)
     parser.add_argument("--month", type=_month, required=True, help="month to score, YYYY-MM")
     parser.add_argument("--model", help="alias, MLflow run id or model URI (default: the notebook's)")
@@ -147,7 +136,7 @@ def report_main(argv=None) -> int:
     parser.add_argument("--output-dir", help="where the executed notebook goes (default: reports/)")
     args = parser.parse_args(argv)
 
-    def body():
+    def body(_):
         from .report import read_summary, run_report
 
         year, month = map(int, args.month.split("-"))
@@ -156,7 +145,7 @@ def report_main(argv=None) -> int:
         print(f"report: {path}")
         print(json.dumps(read_summary(path), indent=1))
 
-    return _run(body)
+    return _run(body, prefect=False)
 
 
 def main(argv=None) -> int:
@@ -174,18 +163,16 @@ def main(argv=None) -> int:
         return delegated[args.command](rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    get_settings()
 
-    def body():
-        _prefect_ready()
-        from .deploy import CRON, TIMEZONE, create_deployment, online_workers, read_deployment
+    def body(_):
+        from .deploy import CRON, TIMEZONE, create_deployment, deployment_and_workers
 
         with terminal_quiet():
             create_deployment(args.taxi_type, args.model)
-        deployment = read_deployment()
+        deployment, workers = deployment_and_workers()
         print(f"deployment {FULL_NAME} on work pool {WORK_POOL!r}: cron {CRON!r} ({TIMEZONE}), tags {deployment.tags}")
         print(f"parameters {deployment.parameters}; upcoming runs: the deployment's page in the Prefect UI")
         start = f"`make worker`, or `prefect worker start --pool {WORK_POOL}` on a machine with this package"
-        print(f"workers online: {', '.join(online_workers()) or 'none yet: ' + start}")
+        print(f"workers online: {', '.join(workers) or 'none yet: ' + start}")
 
     return _run(body)

@@ -30,27 +30,16 @@ from .flows import ride_duration_prediction
 CRON = "0 3 2 * *"
 TIMEZONE = "UTC"
 TAGS = ["ml"]
-# Prefect's minimum heartbeat period; a run silent for 1.5 periods has lost its process.
-HEARTBEAT_SECONDS = 30
-SILENT_AFTER = timedelta(seconds=45)
-RUN_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
+# Heartbeats every 30 s (Prefect's minimum) in each run; a run silent for 1.5 periods has lost its process.
+RUN_ENV, SILENT_AFTER = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}, timedelta(seconds=45)
 ZOMBIE_AUTOMATION = f"{FULL_NAME}: run again when its worker dies"
-
-
-def ensure_work_pool(name: str = WORK_POOL) -> None:
-    """Create the process work pool unless it exists (a worker started first creates it too)."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(name)
-        except ObjectNotFound:
-            template = ProcessWorker.get_default_base_job_template()
-            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
 
 
 def zombie_automation(deployment_id: UUID) -> AutomationCore:
     """Reschedule a run of the deployment that stopped sending heartbeats (its process died)."""
     final = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
     deployment = {"prefect.resource.id": [f"prefect.deployment.{deployment_id}"], "prefect.resource.role": "deployment"}
+    message = f"no heartbeat for {SILENT_AFTER.seconds} s: its worker died; scheduled for another worker"
     return AutomationCore(
         name=ZOMBIE_AUTOMATION,
         description=f"A run of {FULL_NAME} silent for {SILENT_AFTER.seconds} s lost its worker: schedule it again.",
@@ -64,27 +53,13 @@ def zombie_automation(deployment_id: UUID) -> AutomationCore:
             threshold=1,
             within=SILENT_AFTER,
         ),
-        actions=[
-            ChangeFlowRunState(
-                state=StateType.SCHEDULED,
-                name="AwaitingRetry",
-                message=f"no heartbeat for {SILENT_AFTER.seconds} s: its worker died; scheduled for another worker",
-            )
-        ],
+        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", message=message)],
     )
 
 
-def ensure_zombie_automation(deployment_id: UUID) -> None:
-    with get_client(sync_client=True) as client:
-        for old in client.read_automations_by_name(ZOMBIE_AUTOMATION):
-            client.delete_automation(old.id)
-        client.create_automation(zombie_automation(deployment_id))
-
-
 def monthly_deployment(taxi_type: str = "green", model: str | None = None):
-    """The deployment object (nothing sent to the server yet). Without `model`, each run finds
-    its model as the services do, in its worker's environment (promoting a new model changes
-    next month's run without redeploying); a `model` given here is used by every run."""
+    """The deployment (not sent yet). Without `model`, each run finds its model as the services do, where
+    it runs: promoting a model changes next month's run without redeploying."""
     return ride_duration_prediction.to_deployment(
         name=DEPLOYMENT_NAME,
         work_pool_name=WORK_POOL,
@@ -98,19 +73,22 @@ def monthly_deployment(taxi_type: str = "green", model: str | None = None):
 
 
 def create_deployment(taxi_type: str = "green", model: str | None = None) -> UUID:
-    """Create or update the work pool, the deployment and its automation."""
-    ensure_work_pool()
-    deployment_id = monthly_deployment(taxi_type, model).apply()
-    ensure_zombie_automation(deployment_id)
+    """Create or update the work pool (a worker started first creates it too), the deployment and its automation."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(WORK_POOL)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process", base_job_template=template))
+        deployment_id = monthly_deployment(taxi_type, model).apply()
+        for old in client.read_automations_by_name(ZOMBIE_AUTOMATION):
+            client.delete_automation(old.id)
+        client.create_automation(zombie_automation(deployment_id))
     return deployment_id
 
 
-def read_deployment(name: str = FULL_NAME):
+def deployment_and_workers():
+    """The deployment as the server has it, and the names of the pool's workers online."""
     with get_client(sync_client=True) as client:
-        return client.read_deployment_by_name(name)
-
-
-def online_workers(pool: str = WORK_POOL) -> list[str]:
-    """Names of the workers the server has a recent heartbeat from, in `pool` (it exists: `ensure_work_pool`)."""
-    with get_client(sync_client=True) as client:
-        return sorted(w.name for w in client.read_workers_for_work_pool(pool) if w.status.value == "ONLINE")
+        workers = client.read_workers_for_work_pool(WORK_POOL)
+        return client.read_deployment_by_name(FULL_NAME), sorted(w.name for w in workers if w.status.value == "ONLINE")

@@ -38,8 +38,8 @@ class MonthsFailed(RuntimeError):
 
 
 def month_cache_key(context, parameters) -> str | None:
-    """month, taxi type, model version, input checksum. None (no caching) when the input cannot
-    be read: the month then fails in `apply_model` with the sentence that says why."""
+    """month, taxi type, model version, input checksum; None (no caching) for an unreadable input,
+    whose month then fails in `apply_model` with the sentence that says why."""
     paths, model = parameters["paths"], parameters["model"]
     try:
         checksum = input_checksum(paths, parameters["settings"])
@@ -73,8 +73,7 @@ def apply_model(paths: BatchPaths, model: ModelRef, settings: Settings, n_jobs: 
 
 
 def result_storage(settings: Settings) -> RemoteFileSystem:
-    """Where the months' summaries go: S3, readable from every machine that scores months;
-    saved as a block (a task's storage must be), endpoint options only, credentials from the environment."""
+    """The months' summaries in S3, for every machine; a saved block (as a task's storage must be), no credentials."""
     basepath = f"s3://{settings.predictions_bucket}/_prefect-results"
     storage = RemoteFileSystem(basepath=basepath, settings=storage_options(basepath, settings))
     storage.save(RESULTS_BLOCK, overwrite=True)
@@ -104,12 +103,9 @@ def score_months(taxi_type: str, months: list[tuple[int, int]], run_id: str | No
 def ride_duration_prediction(
     taxi_type: str = "green", run_id: str | None = None, run_date: datetime | None = None, force: bool = False
 ) -> dict:
-    """Score the month before `run_date` (2021-03-02 scores February) with the model `run_id`: a
-    run id, an alias, a `models:/` or S3 URI; default: what the services use (`registry.resolve_model`).
-
-    Without `run_date` (the cron's runs) the run's scheduled start time is the run date, so a run
-    taken late or again after its worker died scores the same month. A backfill passes each month.
-    """
+    """Score the month before `run_date` (2021-03-02 scores February) with the model `run_id` (default:
+    the services', `registry.resolve_model`). Without `run_date` (the cron's runs), the run's scheduled
+    time: a run taken late or again after its worker died scores the same month."""
     if run_date is None:
         run_date = flow_run.scheduled_start_time
     if flow_run.run_count > MAX_STARTS:
@@ -126,8 +122,7 @@ def ride_duration_prediction_backfill(
     end_date: str = "2021-02",
     force: bool = False,
 ) -> list[dict]:
-    """Score every month from `start_date` to `end_date` (inclusive) with one model version,
-    each month a task of this one flow run; months scored before with this model and input are skipped."""
+    """Every month from `start_date` to `end_date` (inclusive), one model version, a task each."""
     return score_months(taxi_type, months_between(start_date, end_date), run_id, force)
 
 

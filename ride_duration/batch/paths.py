@@ -35,8 +35,7 @@ def previous_month(run_date: date | datetime | str) -> tuple[int, int]:
 
 
 def input_location(taxi_type: str, year: int, month: int, settings: Settings) -> str:
-    """`BATCH_INPUT_PREFIX/<file>` when configured, else the official TLC URL
-    (read through the data cache and `TLC_MIRROR`, see `reading.open_input`)."""
+    """`BATCH_INPUT_PREFIX/<file>`, else the official TLC URL (read through the data cache, `reading.open_input`)."""
     name, prefix = filename(taxi_type, year, month), settings.batch_input_prefix
     if prefix:
         return f"{prefix.rstrip('/')}/{name}" if "://" in prefix else str(Path(prefix) / name)
@@ -68,13 +67,9 @@ def month_paths(
 ) -> BatchPaths:
     """Paths to score (year, month) itself, with optional overrides (papermill parameters)."""
     year, month = int(year), int(month)
-    return BatchPaths(
-        taxi_type,
-        year,
-        month,
-        input_file or input_location(taxi_type, year, month, settings),
-        output_file or output_location(taxi_type, year, month, run_id, settings),
-    )
+    input_file = input_file or input_location(taxi_type, year, month, settings)
+    output_file = output_file or output_location(taxi_type, year, month, run_id, settings)
+    return BatchPaths(taxi_type, year, month, input_file, output_file)
 
 
 def months_between(start, end) -> list[tuple[int, int]]:

@@ -16,22 +16,14 @@ from ..predict import make_prediction
 # Imported inside functions, to keep them lazy: scipy and sklearn (only for the pipeline's
 # design matrix; reading and writing a month need neither).
 
-RESULT_COLUMNS = (
-    "ride_id",
-    "lpep_pickup_datetime",
-    "PULocationID",
-    "DOLocationID",
-    "trip_distance",
-    "actual_duration",
-    "predicted_duration",
-    "diff",
-    "model_version",
-)
+# The 2022 course's output columns, and trip_distance.
+RESULT_COLUMNS = ("ride_id", "lpep_pickup_datetime", *FEATURE_FIELDS, "actual_duration", "predicted_duration")
+RESULT_COLUMNS += ("diff", "model_version")
 
 
 def design_matrix(model, df: pd.DataFrame):
     """What the pipeline's DictVectorizer makes of `prepare_features(df)`, with column operations.
-    Kept: `DictVectorizer.transform` on one dict per ride took 3.4x as long, a third of a month.
+    Kept: `DictVectorizer.transform` on one dict per ride costs over 10% of a month (make bench-batch).
     None when this path does not apply (another model layout, non-numeric or missing values):
     callers then use `make_prediction`. test_scoring.py checks it equals `DictVectorizer.transform`."""
     from scipy import sparse
@@ -62,8 +54,7 @@ def design_matrix(model, df: pd.DataFrame):
 
 
 def predict_valid(model, df: pd.DataFrame, n_jobs: int | None = -1) -> np.ndarray:
-    """Predicted minutes for rides that passed the contract; the forest in `n_jobs` threads
-    (batch is throughput-bound; joblib's setting, the model itself is shared and left as it is)."""
+    """Minutes for rides that passed the contract; the forest in `n_jobs` threads (joblib's setting: the model is shared)."""
     with joblib.parallel_config(n_jobs=n_jobs):
         X = design_matrix(model, df)
         if X is None:
@@ -85,8 +76,7 @@ def predict_durations(model, df: pd.DataFrame, n_jobs: int | None = -1) -> np.nd
 
 
 def generate_uuids(n: int) -> pa.Array:
-    """n random UUID4 strings, vectorised. Kept: a list of `str(uuid.uuid4())` took 26x as long,
-    a third of a month's scoring."""
+    """n random UUID4 strings, vectorised. Kept: `str(uuid.uuid4())` per ride costs over 10% of a month."""
     raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant

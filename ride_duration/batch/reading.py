@@ -24,8 +24,7 @@ BATCH_SIZE = 250_000
 # A month fails when more than this share of its rides of 1-60 minutes break the ride contract
 # (`features.ride_problems`): a few bad rows are rejected and reported, a garbage file is not scored.
 REJECT_LIMIT = 0.01
-# A rejected ride: its row in the input file, its columns as read, its duration, why.
-REJECT_COLUMNS = ("row", *REQUIRED_COLUMNS, TARGET, "reason")
+REJECT_COLUMNS = ("row", *REQUIRED_COLUMNS, TARGET, "reason")  # its row in the file, its columns as read, why
 _ROW = "__row__"  # the file's row numbers, carried through the duration filter
 
 
@@ -68,11 +67,10 @@ def _head(paths: BatchPaths, location: str, settings: Settings) -> dict:
     bucket, key = split_s3_uri(location)
     try:
         return s3(settings).head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+    except (ClientError, BotoCoreError) as exc:
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
             raise InputNotFound(f"no input for {paths.label}: {location} does not exist ({exc})") from exc
-        raise InputUnreadable(f"{paths.label}: {location} could not be read: {exc}") from exc
-    except BotoCoreError as exc:
         raise InputUnreadable(f"{paths.label}: {location} could not be read: {exc}") from exc
 
 
@@ -88,8 +86,7 @@ def input_checksum(paths: BatchPaths, settings: Settings) -> str:
 
 def _check_schema(schema: pa.Schema, where: str) -> None:
     """Missing columns, or pickup/dropoff times that are not timestamps: one sentence."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
-    if missing:
+    if missing := [c for c in REQUIRED_COLUMNS if c not in schema.names]:
         raise InputUnreadable(f"{where} is missing required column(s): {', '.join(missing)}")
     for column in DATETIME_COLUMNS:
         if not pa.types.is_timestamp(schema.field(column).type):
@@ -140,9 +137,7 @@ def _rejects_frame(df: pd.DataFrame, reasons: pd.Series) -> pd.DataFrame:
     return pd.DataFrame(columns, columns=list(REJECT_COLUMNS))
 
 
-def read_month_and_rejects(
-    location: str, settings: Settings, label: str | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_month_and_rejects(location: str, settings: Settings, label=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The whole month at once (the notebook): (valid rides of 1-60 minutes, rejected rides)."""
     pairs = [split_rides(df) for df in iter_month(location, settings, label=label)]
     if not pairs:  # a file without rows
@@ -163,8 +158,7 @@ def check_rejects(paths: BatchPaths, location: str, scored: int, reasons: dict[s
     """Fail the month (TooManyRejects) when more than REJECT_LIMIT of its rides of 1-60
     minutes break the contract, or when there is nothing to score."""
     rejected = sum(reasons.values())
-    total = scored + rejected
-    if total == 0:
+    if (total := scored + rejected) == 0:
         raise ValueError(f"{paths.label}: {location} has no rides of 1 to 60 minutes; nothing was published")
     if rejected / total > REJECT_LIMIT:
         raise TooManyRejects(

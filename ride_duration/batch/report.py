@@ -36,8 +36,7 @@ class ReportStopped(RuntimeError):
 
 
 def servers(settings: Settings) -> str:
-    """Which servers this report talks to, for its first output."""
-    # as aws.s3_client chooses: the S3-specific endpoint first (the local stack's S3 is not its Kinesis)
+    """Which servers this report talks to, for its first output (S3 as `aws.s3_client` chooses it)."""
     s3 = os.environ.get("AWS_ENDPOINT_URL_S3") or settings.mlflow_s3_endpoint_url or settings.aws_endpoint_url
     return f"S3: {s3 or 'AWS (no endpoint configured)'}; MLflow: {settings.mlflow_tracking_uri}"
 
@@ -143,12 +142,8 @@ def run_report(taxi_type: str, year: int, month: int, *, output_dir=None, kernel
     target = report_path(taxi_type, year, month, output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.stem}.running.ipynb")
-    parameters = {
-        "taxi_type": taxi_type,
-        "year": int(year),
-        "month": int(month),
-        **{k: v for k, v in given.items() if v},
-    }
+    parameters = {"taxi_type": taxi_type, "year": int(year), "month": int(month)}
+    parameters |= {k: v for k, v in given.items() if v}  # the notebook's own defaults stay in one place
     options = {"kernel_name": kernel_name, "cwd": str(source.parent), "progress_bar": False, "log_output": False}
     try:
         papermill.execute_notebook(str(source), str(partial), parameters=parameters, **options)
@@ -175,8 +170,7 @@ def read_summary(path: str | os.PathLike) -> dict:
     """The JSON printed by the executed notebook's cell tagged `summary`."""
     import nbformat
 
-    nb = nbformat.read(str(path), as_version=4)
-    for cell in nb.cells:
+    for cell in nbformat.read(str(path), as_version=4).cells:
         if SUMMARY_TAG in cell.get("metadata", {}).get("tags", []):
             text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
             if not text.strip():

@@ -1,8 +1,5 @@
 """The month loop: read a batch, split off its rejects, predict, stage; publish once at the end.
-
-No orchestrator here (Prefect is not imported): the flows, the notebook and the benchmark
-score a month the same way. The steps it runs are `reading`, `predicting` and `writing`.
-"""
+No orchestrator here: the flows, the notebook and the benchmark score a month the same way."""
 
 from __future__ import annotations
 

@@ -35,8 +35,7 @@ class Stage:
 
     def write(self, frame: pd.DataFrame) -> None:
         table = pa.Table.from_pandas(frame, preserve_index=False)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.path, table.schema)
+        self._writer = self._writer or pq.ParquetWriter(self.path, table.schema)
         self._writer.write_table(table)
         self.rows += len(frame)
 
@@ -91,29 +90,26 @@ def publish_month(label: str, results: Stage, rejects: Stage, output_file: str, 
     try:
         _put(results, output_file, settings)
         try:
-            if rejects.rows:
-                _put(rejects, rejects_file, settings)
-            else:
-                remove_output(rejects_file, settings)
+            _put(rejects, rejects_file, settings) if rejects.rows else remove_output(rejects_file, settings)
         except (BotoCoreError, ClientError):
             with contextlib.suppress(BotoCoreError, ClientError):  # S3 may be down for this too
                 remove_output(output_file, settings)
             raise
     except (BotoCoreError, ClientError) as exc:
-        endpoint = s3(settings).meta.endpoint_url
-        raise StorageFailed(
-            f"{label}: writing {output_file} to S3 at {endpoint} failed ({type(exc).__name__}: {exc}); "
-            "the month was not published: score it again once S3 answers"
-        ) from None
+        where, why = f"{output_file} to S3 at {s3(settings).meta.endpoint_url}", f"{type(exc).__name__}: {exc}"
+        raise StorageFailed(f"{label}: writing {where} failed ({why}); the month was not published") from None
     return rejects_file if rejects.rows else None
+
+
+def _write(frame: pd.DataFrame, location: str, settings: Settings) -> None:
+    with staged(location) as stage:
+        stage.write(frame)
+        _put(stage, location, settings)
 
 
 def save_results(df: pd.DataFrame, predictions, run_id: str, output_file: str, settings: Settings) -> pd.DataFrame:
     """Write a month's results to `output_file` atomically (the notebook's step); returns the frame."""
-    result = build_results(df, predictions, run_id)
-    with staged(output_file) as stage:
-        stage.write(result)
-        _put(stage, output_file, settings)
+    _write(result := build_results(df, predictions, run_id), output_file, settings)
     return result
 
 
@@ -121,10 +117,5 @@ def save_rejects(rejects: pd.DataFrame, output_file: str, settings: Settings) ->
     """Publish the rejected rides beside `output_file` (after its predictions), or remove an
     earlier rejects file when there are none; returns its location or None."""
     location = rejects_location(output_file)
-    if not len(rejects):
-        remove_output(location, settings)
-        return None
-    with staged(location) as stage:
-        stage.write(rejects)
-        _put(stage, location, settings)
-    return location
+    _write(rejects, location, settings) if len(rejects) else remove_output(location, settings)
+    return location if len(rejects) else None

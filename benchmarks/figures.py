@@ -34,5 +34,5 @@ def record(section: str, values: dict) -> Path:
     # The page that quotes the figures is rendered with them, so the two never disagree.
     from benchmarks import report
 
-    report.PAGE.write_text(report.render(figures))
+    report.PAGE.write_text(report.render(load()))
     return FIGURES

@@ -34,8 +34,8 @@ kernel: venv ## also register the kernel for your user's Jupyter
 course: venv services-up data train ## the whole course, end to end
 	$(PY) scripts/run_course.py $(NOTEBOOKS)
 	$(PY) scripts/score_report.py --taxi-type green --month 2021-02
-	@# In this process: notebook 06 shows the same months on the work pool's workers.
-	$(PY) scripts/score_backfill.py --taxi-type green --start 2021-01 --end 2021-02 --local
+	@# The backfill as one flow run (months already scored by the notebooks are skipped: Cached).
+	$(PY) scripts/score_backfill.py --taxi-type green --start 2021-01 --end 2021-02
 
 test: venv lint ## lint, unit + integration tests and nbval over every notebook
 	$(PY) scripts/run_tests.py

@@ -112,7 +112,6 @@ def backfill_main(argv=None) -> int:
     parser.add_argument("--start", type=_month, required=True, help="first month, YYYY-MM")
     parser.add_argument("--end", type=_month, required=True, help="last month, YYYY-MM")
     parser.add_argument("--dask", metavar="ADDRESS", help="a Dask scheduler (tcp://host:8786): months on its workers")
-    parser.add_argument("--local", action="store_true", help="the months in this process (the default)")
     args = parser.parse_args(argv)
 
     def body(url):

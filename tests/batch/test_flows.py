@@ -117,7 +117,7 @@ def test_missing_month_fails_clearly_and_writes_nothing(batch_stack, batch_model
 def test_cli_backfill_prints_each_month(batch_stack, batch_model, s3_input, capsys):
     from ride_duration.batch import cli
 
-    args = ["--start", "2021-02", "--end", "2021-02", "--local", "--run-id", batch_model.run_id]
+    args = ["--start", "2021-02", "--end", "2021-02", "--run-id", batch_model.run_id]
     assert cli.backfill_main(args) == 0
     (line,) = capsys.readouterr().out.splitlines()
     output = f"s3://{get_settings().predictions_bucket}/taxi_type=green/year=2021/month=02/{batch_model.run_id}.parquet"

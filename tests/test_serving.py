@@ -1,5 +1,5 @@
 """The services load the forest's serving form stored inside the logged model, and fall
-back to the skops pipeline when a model has none (issue 12, part 3)."""
+back to the skops pipeline when a model has none."""
 
 from __future__ import annotations
 

@@ -254,7 +254,7 @@ def test_aws_profile_used_when_endpoint_unset(monkeypatch):
     assert config.get_settings().aws_endpoint_url is None
 
 
-# ------------------------------------------------------------------ crash of the stack (issue 11, item 4)
+# ------------------------------------------------------------------ crash of the stack
 def _kill_9(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     try:

@@ -70,7 +70,7 @@ def test_bad_record_over_http_is_dead_lettered(invoke_url, canonical_event):
     assert [p["prediction"]["ride_id"] for p in body["predictions"]] == [256]
 
 
-def test_issue_repro_out_of_range_distance_costs_no_other_ride(invoke_url, canonical_event, trained_model):
+def test_out_of_range_distance_costs_no_other_ride(invoke_url, canonical_event, trained_model):
     """{"Records": [<trip_distance 1e308>, <valid>]} answered 200 with X-Amz-Function-Error: Unhandled."""
     far = record_with(
         canonical_event,

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from ride_duration.stream.codec import encode_data
+from ride_duration.stream.writer import arrival_stamp
 from workbench.invoke import INVOKE_PATH, start_invoke_server
 from workbench.stack import free_port
 from workbench.streams import read_dead_letters, read_stream
@@ -150,7 +151,8 @@ def test_invoke_server_writes_predictions_and_dead_letters(
     assert written == response.json()["predictions"]
     assert [e["prediction"]["ride_id"] for e in written] == [256, "ride-1"]
     (letter,) = read_dead_letters(dead_letter_uri)
-    assert letter["uri"] == f"{dead_letter_uri}shardId-000000000000/3.json"
+    arrival = arrival_stamp(letter["kinesis"]["approximateArrivalTimestamp"])
+    assert letter["uri"] == f"{dead_letter_uri}shardId-000000000000/{arrival}-3.json"
     assert "'PULocationID' must be a TLC zone id between 1 and 265, got 9999" in letter["reason"]
     assert response.json()["deadLetters"] == [
         {"itemIdentifier": "3", "reason": letter["reason"], "location": letter["uri"]}

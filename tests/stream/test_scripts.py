@@ -6,6 +6,7 @@ import json
 import subprocess
 
 from ride_duration.stream import S3DeadLetters
+from ride_duration.stream.writer import arrival_stamp
 from workbench.event_source import kinesis_event
 from workbench.streams import put_ride, read_stream
 
@@ -67,7 +68,7 @@ def test_read_dead_letters(s3, settings, make_stream):
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.splitlines()
     assert json.loads(line) | {"time": None} == {
-        "uri": f"{uri}shardId-000000000000/41.json",
+        "uri": f"{uri}shardId-000000000000/{arrival_stamp(record['kinesis']['approximateArrivalTimestamp'])}-41.json",
         "time": None,
         "reason": "kinesis.data is not JSON: Expecting value",
         "sequenceNumber": "41",

@@ -28,12 +28,14 @@ SCRIPT = REPO / "scripts" / "aws.sh"
 SETTINGS = {
     *("STACK_NAME", "MLFLOW_BUCKET", "PREDICTIONS_BUCKET", "CREATE_BUCKETS", "INPUT_STREAM_NAME"),
     *("PREDICTIONS_STREAM_NAME", "MODEL_ID", "EXPERIMENT_ID", "IMAGE_TAG", "NO_BUILD", "PARAMS", "DRY_RUN"),
-    *("AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL_CLOUDFORMATION"),
+    *("AWS_PROFILE", "AWS_REGION"),
 }
 
 
 def script_env(endpoint: str, tmp_path, **settings) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    # Per-service endpoints (AWS_ENDPOINT_URL_S3, ...) that other tests' stacks left set would win over
+    # AWS_ENDPOINT_URL in the AWS CLI: the script's every call must reach this one endpoint.
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("AWS_ENDPOINT_URL_")}
     env.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="test",

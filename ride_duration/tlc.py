@@ -138,6 +138,8 @@ def _retrieve(source: str, name: str, folder: Path, progress: bool, timeout: flo
     once whole and matching its known sha256 (`KNOWN_SHA256`), else ChecksumMismatch."""
     import pooch
 
+    # pooch announces each download on stderr; our own log line says where the file came from.
+    pooch.get_logger().setLevel(logging.WARNING)
     expected = KNOWN_SHA256.get(name)
     if "://" not in source or source.startswith("file://"):
         downloader = _copy_local

@@ -66,6 +66,20 @@ def test_download_from_mirror_url_verifies_checksum(http_folder, isolated, tmp_p
     assert tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False, settings=get_settings()) == path
 
 
+def test_fetch_without_progress_prints_nothing(isolated, tmp_path, monkeypatch, capfd):
+    """A notebook cell that fetches a month from a mirror folder shows no stderr (pooch's own
+    "Downloading data from ..." line included)."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    payload = _month_bytes(tmp_path)
+    (mirror / "green_tripdata_2020-05.parquet").write_bytes(payload)
+    monkeypatch.setitem(tlc.KNOWN_SHA256, "green_tripdata_2020-05.parquet", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setenv("TLC_MIRROR", str(mirror))
+    path = tlc.fetch_month("green", 2020, 5, allow_synthetic=False, progress=False, settings=get_settings())
+    assert path.read_bytes() == payload
+    assert capfd.readouterr() == ("", "")
+
+
 def test_checksum_mismatch_refuses_and_leaves_nothing(http_folder, isolated, tmp_path, monkeypatch):
     folder, url = http_folder
     payload = _month_bytes(tmp_path)

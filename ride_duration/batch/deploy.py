@@ -14,7 +14,7 @@ from datetime import timedelta
 from uuid import UUID
 
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
 from prefect.client.schemas.objects import StateType
 from prefect.deployments.runner import EntrypointType
 from prefect.events.actions import ChangeFlowRunState
@@ -33,6 +33,8 @@ TAGS = ["ml"]
 # Heartbeats every 30 s (Prefect's minimum) in each run; a run silent for 1.5 periods has lost its process.
 RUN_ENV, SILENT_AFTER = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}, timedelta(seconds=45)
 ZOMBIE_AUTOMATION = f"{FULL_NAME}: run again when its worker dies"
+# The code is the installed package; without a pull step each run logs its scratch folder's path.
+PULL_STEPS = [{"prefect.deployments.steps.set_working_directory": {"directory": "."}}]
 
 
 def zombie_automation(deployment_id: UUID) -> AutomationCore:
@@ -81,6 +83,7 @@ def create_deployment(taxi_type: str = "green", model: str | None = None) -> UUI
             template = ProcessWorker.get_default_base_job_template()
             client.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process", base_job_template=template))
         deployment_id = monthly_deployment(taxi_type, model).apply()
+        client.update_deployment(deployment_id, DeploymentUpdate(pull_steps=PULL_STEPS))
         for old in client.read_automations_by_name(ZOMBIE_AUTOMATION):
             client.delete_automation(old.id)
         client.create_automation(zombie_automation(deployment_id))

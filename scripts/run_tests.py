@@ -24,6 +24,9 @@ from pathlib import Path
 from workbench.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests in two processes, each module (the batch package, the real-data model) kept in one of them
+# (tests/conftest.py groups them): they mostly wait on servers, so two share 2 cores and the notebooks.
+XDIST = ["-n", os.environ.get("TEST_PROCESSES", "2"), "--dist", "loadgroup"]
 
 
 def main() -> int:
@@ -42,7 +45,7 @@ def main() -> int:
                 stderr=log,
                 text=True,
             )
-            tests = subprocess.call([*pytest, "tests", *extra], cwd=ROOT, env=dict(os.environ))
+            tests = subprocess.call([*pytest, "tests", *XDIST, *extra], cwd=ROOT, env=dict(os.environ))
             notebooks = nb.wait()
             log.seek(0)
             print("==> nbval over every notebook (ran beside the tests)", flush=True)

@@ -122,7 +122,18 @@ _SERVER_MODULES = {
 }
 
 
+def _xdist_group(item) -> str:
+    """`make test` spreads the tests over processes (pytest-xdist, `--dist loadgroup`) by these groups, so
+    an expensive fixture is made once: the batch package's Prefect server, the real-data model, a module's own."""
+    if "batch" in item.path.parent.parts[-1:]:
+        return "batch"
+    if "real_pipeline" in getattr(item, "fixturenames", ()):
+        return "real-data"
+    return str(item.path.relative_to(REPO))
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in _SERVER_MODULES:
             item.add_marker(pytest.mark.integration)
+        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))

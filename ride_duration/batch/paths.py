@@ -1,8 +1,6 @@
-"""Which month a run scores and where it reads and writes.
-
-A run on `run_date` scores the month before: 2021-03-02 scores 2021-02. Outputs are hive-style
-partitions, one object per (month, model), so scoring a month again replaces it.
-"""
+"""Which month a run scores and where it reads and writes. A run on `run_date` scores the month before
+(2021-03-02 scores 2021-02); outputs are hive-style partitions, one object per (month, model), so scoring a
+month again replaces it."""
 
 from __future__ import annotations
 

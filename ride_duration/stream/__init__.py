@@ -10,7 +10,7 @@ One record's fault never costs another record its prediction. AWS's contract
 for Kinesis event sources, followed here:
 - a record that can never be scored (not base64, not JSON, JSON nested too
   deep or with an int past Python's digit limit, a bad `ride_id`, a ride
-  outside the contract of `utils.check_ride`, a ride the model fails on) is
+  outside the contract of `features.check_ride`, a ride the model fails on) is
   written ONCE to the dead-letter location, `DEAD_LETTER_URI` (default
   `s3://<PREDICTIONS_BUCKET>/dead-letter/<INPUT_STREAM_NAME>/`), one object per
   record at `<shardId>/<arrival time>-<sequenceNumber>.json` (a retried batch

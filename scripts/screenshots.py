@@ -135,7 +135,7 @@ def pages(mlflow: str, prefect: str) -> list[dict]:
         {
             "file": "06-prefect-flow-run.png",
             "url": f"{prefect}/runs/flow-run/{runs[0]['id']}",
-            "window": "1400,1000",
+            "window": "1400,1400",
             "expect": [runs[0]["name"], "apply-model"],
             "forbid": TEMP_PATHS,
         },

@@ -5,7 +5,7 @@ February 2021, logs params, `rmse_valid` and the model (skops format) to the
 tracking server, registers it as `NYCRideDurationModel` and, with --promote,
 points the alias `production` at the new version.
 
-Every run records what it was trained on (`data.training_provenance`): file,
+Every run records what it was trained on (`tlc.training_provenance`): file,
 sha256, size, rows, source and real or synthetic, as run params and tags and as
 the logged model's `metadata["training_data"]` (readable from S3 alone). The
 command line and `ensure_production_model` refuse synthetic data unless told
@@ -70,7 +70,7 @@ class TrainResult:
     seconds: float
     valid_pred: np.ndarray
     valid_true: np.ndarray
-    # data.training_provenance(): {"synthetic": bool, "train": {...}, "valid": {...}}
+    # tlc.training_provenance(): {"synthetic": bool, "train": {...}, "valid": {...}}
     training_data: dict | None = None
     # The forest's pickle-free serving form, checked equal to the pipeline on the validation rides.
     serving_form: FastForest | None = None
@@ -88,8 +88,8 @@ def train(
 ) -> TrainResult:
     """Fit the reference pipeline on `train_path`, score it on `valid_path`.
 
-    Paths, URLs or `data.MonthFile`s. Their provenance is recorded in the result;
-    `synthetic=None` detects synthetic files by their marker (data.is_synthetic).
+    Paths, URLs or `tlc.MonthFile`s. Their provenance is recorded in the result;
+    `synthetic=None` detects synthetic files by their marker (tlc.is_synthetic).
     """
     start = time.perf_counter()
     provenance = training_provenance(train_path, valid_path, settings, synthetic=synthetic)

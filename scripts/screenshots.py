@@ -135,8 +135,9 @@ def pages(mlflow: str, prefect: str) -> list[dict]:
         {
             "file": "06-prefect-flow-run.png",
             "url": f"{prefect}/runs/flow-run/{runs[0]['id']}",
-            "window": "1400,1400",
-            "expect": [runs[0]["name"], "apply-model"],
+            "window": "1400,1000",
+            # Each month is a task run named by its month; its summary line gives rides and RMSE.
+            "expect": [runs[0]["name"], "Task run", " rides, RMSE "],
             "forbid": TEMP_PATHS,
         },
     ]

@@ -5,6 +5,8 @@
 - README.md stays within 250 lines.
 - docs/benchmarks.md is exactly what `python -m benchmarks.report` renders from docs/figures.json, and
   neither the README nor notebook 07's text writes a measured ratio or latency by hand: they quote the file.
+- The README's course map gives each notebook the study and run time its header gives, and that run time
+  is about what its cells took in the committed run.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,50 @@ def test_the_generator_renders_what_is_recorded(recorded):
         assert "## Web service" in page and "| a_over_b | 91.5 |" in page and "| rounds | 1.5, 2 |" in page
     else:
         assert "No benchmark has recorded" in page
+
+
+def _seconds(amount: str, unit: str) -> float:
+    return float(amount) * (60 if unit.startswith("min") else 1)
+
+
+def _header_times(notebook: Path) -> tuple[float, float]:
+    header = " ".join("".join(json.loads(notebook.read_text())["cells"][0]["source"]).split())
+    study = re.search(r"\*\*Study time:\*\* about (\d+) minutes", header)
+    run = re.search(r"\*\*Run time:\*\* about (\d+(?:\.\d+)?) (seconds?|minutes?)", header)
+    assert study and run, f"{notebook.name}: its header gives no study time or run time"
+    return _seconds(study[1], "min"), _seconds(run[1], run[2])
+
+
+def _recorded_run(notebook: Path) -> float:
+    """Seconds from the first cell's start to the last cell's reply in the committed outputs."""
+    stamps = [
+        stamp
+        for cell in json.loads(notebook.read_text())["cells"]
+        for key in ("iopub.execute_input", "shell.execute_reply")
+        if (stamp := cell.get("metadata", {}).get("execution", {}).get(key))
+    ]
+    if not stamps:
+        pytest.skip(f"{notebook.name} has no recorded cell timings")
+    return (datetime.fromisoformat(max(stamps)) - datetime.fromisoformat(min(stamps))).total_seconds()
+
+
+COURSE_MAP = re.compile(r"^\| \[[^\]]+\]\(notebooks/([^)]+)\) \| .+ \| (\d+) min \| ~(\d+(?:\.\d+)?) (s|min) \|$", re.M)
+
+
+def test_course_map_times_are_the_notebooks_own():
+    rows = {
+        name: (_seconds(study, "min"), _seconds(run, unit))
+        for name, study, run, unit in COURSE_MAP.findall(README.read_text())
+    }
+    notebooks = sorted(ROOT.glob("notebooks/[0-9]*.ipynb"))
+    assert sorted(rows) == [nb.name for nb in notebooks], "the README's course map lists every notebook once"
+    for notebook in notebooks:
+        assert rows[notebook.name] == _header_times(notebook), f"README and {notebook.name}'s header disagree"
+
+
+@pytest.mark.parametrize("notebook", sorted(ROOT.glob("notebooks/[0-9]*.ipynb")), ids=lambda p: p.stem[:3])
+def test_header_run_time_matches_the_committed_run(notebook):
+    _, said = _header_times(notebook)
+    took = _recorded_run(notebook)
+    # "About" a figure: within half and one and a half times what the cells took.
+    assert said / 2 <= took <= said * 1.5, f"{notebook.name} says about {said:g} s; its cells took {took:.0f} s"

@@ -119,6 +119,7 @@ _SERVER_MODULES = {
     "test_stack_and_registry.py",
     "test_train.py",
     "test_model_behaviour.py",
+    "test_xdist_groups.py",
 }
 
 
@@ -132,6 +133,8 @@ def _xdist_group(item) -> str:
     return str(item.path.relative_to(REPO))
 
 
+# tryfirst: pytest-xdist reads the xdist_group marks in its own hook of this name, so they must be set before.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in _SERVER_MODULES:

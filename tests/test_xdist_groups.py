@@ -1,7 +1,7 @@
 """`make test` relies on pytest-xdist's `--dist loadgroup` keeping each group of tests/conftest.py (a module,
 the batch package, the real-data model) on one worker, so its expensive fixture is made once. Nothing fails
 when grouping stops: pytest 9.2 with pytest-xdist 3.8 silently drops it (pytest-dev/pytest-xdist#1386), and so
-does a conftest hook that marks the tests after xdist has read the marks. This runs three fast modules of the
+does a conftest hook that marks the tests after xdist has read the marks. This runs two fast modules of the
 suite itself, through its own conftest, and reads back which worker ran each test."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ["tests/test_features.py", "tests/test_docs.py", "tests/batch/test_scoring.py"]
+MODULES = ["tests/test_features.py", "tests/test_docs.py"]
 
 
 def test_each_group_runs_on_one_worker():

@@ -180,12 +180,31 @@ def test_dry_run_prints_the_commands_and_calls_nothing(tmp_path):
     assert "ParameterKey=ModelBucketName,ParameterValue=ride-duration-models-<account>-eu-west-1" in commands[1]
 
 
-def test_a_stack_left_in_review_in_progress_is_recreated(moto_server, tmp_path):
-    """A change set created the stack and was never executed (an interrupted plan): AWS updates no such
-    stack; deploy says so, deletes it and creates it again."""
+# moto never rolls a stack back, so for ROLLBACK_COMPLETE an `aws` in front of the real one answers the
+# script's one status question with it; every other call, the delete and the create among them, reaches moto.
+STATUS_SHIM = """#!/usr/bin/env bash
+if [[ "$*" == *describe-stacks*StackStatus* && ! -e "$0.asked" ]]; then
+    touch "$0.asked"
+    echo ROLLBACK_COMPLETE
+    exit 0
+fi
+exec "{real}" "$@"
+"""
+
+
+@pytest.mark.parametrize(
+    ("status", "why"),
+    [
+        ("REVIEW_IN_PROGRESS", "a change set created it and was never executed"),
+        ("ROLLBACK_COMPLETE", "its first deployment failed"),
+    ],
+)
+def test_a_stack_aws_will_not_update_is_recreated(moto_server, tmp_path, status, why):
+    """A stack whose first deployment failed, or that an interrupted plan's change set created: AWS updates
+    neither. Deploy says so in a sentence, deletes the stack and creates it again."""
     suffix = uuid.uuid4().hex[:8]
     names = {
-        "STACK_NAME": f"review-{suffix}",
+        "STACK_NAME": f"stuck-{suffix}",
         "MLFLOW_BUCKET": f"models-{suffix}",
         "PREDICTIONS_BUCKET": f"predictions-{suffix}",
         "INPUT_STREAM_NAME": f"ride_events-{suffix}",
@@ -199,15 +218,28 @@ def test_a_stack_left_in_review_in_progress_is_recreated(moto_server, tmp_path):
         ChangeSetType="CREATE",
         TemplateBody=(REPO / "infra" / "stream.yaml").read_text(),
         Capabilities=["CAPABILITY_IAM"],
-        Parameters=[{"ParameterKey": "ModelBucketName", "ParameterValue": names["MLFLOW_BUCKET"]}],
+        Parameters=[
+            {"ParameterKey": "ModelBucketName", "ParameterValue": names["MLFLOW_BUCKET"]},
+            {"ParameterKey": "PredictionsBucketName", "ParameterValue": names["PREDICTIONS_BUCKET"]},
+        ],
     )
-    assert cloudformation.describe_stacks(StackName=names["STACK_NAME"])["Stacks"][0]["StackStatus"] == (
-        "REVIEW_IN_PROGRESS"
-    )
-    result = run("deploy", script_env(moto_server, tmp_path, **names))
-    assert f"stack {names['STACK_NAME']} is in REVIEW_IN_PROGRESS" in result.stderr
-    (stack,) = cloudformation.describe_stacks(StackName=names["STACK_NAME"])["Stacks"]
-    assert stack["StackStatus"] == "CREATE_COMPLETE"
+    (before,) = cloudformation.describe_stacks(StackName=names["STACK_NAME"])["Stacks"]
+    assert before["StackStatus"] == "REVIEW_IN_PROGRESS"
+    env = script_env(moto_server, tmp_path, **names)
+    if status == "ROLLBACK_COMPLETE":
+        shim = tmp_path / "bin" / "aws"
+        shim.parent.mkdir()
+        shim.write_text(STATUS_SHIM.format(real=shutil.which("aws", path=PATH)))
+        shim.chmod(0o755)
+        env["PATH"] = f"{shim.parent}{os.pathsep}{PATH}"
+    result = run("deploy", env)
+    assert f"stack {names['STACK_NAME']} is in {status}: {why}" in result.stderr
+    (after,) = cloudformation.describe_stacks(StackName=names["STACK_NAME"])["Stacks"]
+    assert after["StackStatus"] == "CREATE_COMPLETE"
+    assert after["StackId"] != before["StackId"], "the stuck stack was deleted and a new one created"
+    after_sentence = result.stderr.split(f"is in {status}")[1]
+    commands = [line[2:] for line in after_sentence.splitlines() if line.startswith("+ aws cloudformation")]
+    assert [c.split()[2] for c in commands[:3]] == ["delete-stack", "wait", "create-stack"], commands
     run("destroy", script_env(moto_server, tmp_path, **names))
 
 

@@ -80,7 +80,7 @@ stream-run: venv ## the local Kinesis event source: invokes the stream function
 	$(PY) -m workbench.event_source
 invoke-server: venv ## the local Lambda invoke endpoint on :8080
 	$(PY) -m workbench.invoke
-bench-stream: venv ## a Kinesis batch vs the 2022 design; the cold start vs its floor
+bench-stream: venv ## a Kinesis batch vs the 2022 design; the cold start vs its floor; records docs/figures.json
 	$(PY) -m benchmarks.stream
 
 # --- part 5: batch -------------------------------------------------------------

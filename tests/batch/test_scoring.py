@@ -8,13 +8,12 @@ from datetime import UTC, date, datetime
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
 from ride_duration import registry
 from ride_duration.aws import storage_options
 from ride_duration.batch import paths as batch_paths
-from ride_duration.batch import predicting, reading, scoring
+from ride_duration.batch import predicting, reading, scoring, writing
 from ride_duration.config import get_settings
 from ride_duration.tlc import load_training_dataframe
 
@@ -88,13 +87,13 @@ def test_save_results_schema_and_unique_ids(feb, tmp_path):
 
 def test_crash_mid_write_leaves_no_local_file(feb, tmp_path, monkeypatch):
     out = tmp_path / "result.parquet"
-    real_write = pq.ParquetWriter.write_table
+    real_write = writing.Stage.write
 
-    def write_then_crash(self, table, *args, **kwargs):
-        real_write(self, table, *args, **kwargs)  # some bytes really hit the disk
+    def write_then_crash(self, frame):
+        real_write(self, frame)  # the rows really hit the staged file on disk
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(pq.ParquetWriter, "write_table", write_then_crash)
+    monkeypatch.setattr(writing.Stage, "write", write_then_crash)
     with pytest.raises(OSError, match="injected"):
         scoring.save_results(feb, np.zeros(len(feb)), RUN_ID, str(out), get_settings())
     assert not out.exists()

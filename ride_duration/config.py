@@ -46,6 +46,17 @@ def repo_root() -> Path | None:
     return None
 
 
+def in_checkout(location) -> str:
+    """A path inside the source checkout relative to it (what the model records, logs and notebooks show
+    should not name the machine it ran on); anything else as given."""
+    root = repo_root()
+    if root is not None and "://" not in str(location):
+        path = Path(location).resolve()
+        if path.is_relative_to(root):
+            return str(path.relative_to(root))
+    return str(location)
+
+
 def _default_home() -> Path:
     # Inside a checkout everything local lives beside the code (ignored by git);
     # an installed wheel uses the user's cache instead of site-packages.

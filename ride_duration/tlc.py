@@ -17,7 +17,6 @@ the caller remembering it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import io
 import json
@@ -33,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from .aws import storage_options
-from .config import Settings, get_settings, repo_root
+from .config import Settings, get_settings, in_checkout
 from .features import add_duration, check_columns
 
 # Imported inside functions, to keep them lazy: pooch (downloads, cache and checksums, with
@@ -185,16 +184,6 @@ class MonthFile:
 SYNTHETIC_SOURCE = "synthetic fallback"
 
 
-def _in_checkout(location) -> str:
-    """A path inside the source checkout relative to it (what the model records and notebooks show
-    should not name the machine it ran on); anything else as given."""
-    root = repo_root()
-    if root is not None and "://" not in str(location):
-        with contextlib.suppress(ValueError):
-            return str(Path(location).resolve().relative_to(root))
-    return str(location)
-
-
 def _fetch(
     name: str, official: str, settings: Settings, progress: bool, timeout: float
 ) -> tuple[MonthFile | None, list[str]]:
@@ -203,7 +192,7 @@ def _fetch(
     if target.is_file():
         actual = sha256_of(target) if expected else None
         if actual == expected:
-            return MonthFile(target, f"cache {_in_checkout(target)}"), []
+            return MonthFile(target, f"cache {in_checkout(target)}"), []
         log.warning(
             "%s: sha256 %s of the cached file does not match the known %s; fetching it again", name, actual, expected
         )
@@ -217,7 +206,7 @@ def _fetch(
         try:
             path = _retrieve(source, name, settings.data_dir, progress, timeout)
             log.info("fetched %s from %s", name, source)
-            return MonthFile(path, f"{kind} {_in_checkout(source)}"), tried
+            return MonthFile(path, f"{kind} {in_checkout(source)}"), tried
         except (OSError, ValueError) as exc:  # requests' errors are OSErrors; a hash mismatch is not
             tried.append(f"{source} ({exc})")
     return None, tried

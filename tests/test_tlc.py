@@ -213,6 +213,6 @@ def test_real_months_are_described_as_real_and_verified(isolated, monkeypatch, r
 def test_sources_inside_the_checkout_are_recorded_relative_to_it(tmp_path):
     """A model's recorded training source (and the notebooks that show it) names no machine path."""
     root = config.repo_root()
-    assert tlc._in_checkout(root / "data" / "green_tripdata_2021-01.parquet") == "data/green_tripdata_2021-01.parquet"
-    assert tlc._in_checkout(tmp_path / "m.parquet") == str(tmp_path / "m.parquet")
-    assert tlc._in_checkout("https://example.org/m.parquet") == "https://example.org/m.parquet"
+    assert config.in_checkout(root / "data" / "green_tripdata_2021-01.parquet") == "data/green_tripdata_2021-01.parquet"
+    assert config.in_checkout(tmp_path / "m.parquet") == str(tmp_path / "m.parquet")
+    assert config.in_checkout("https://example.org/m.parquet") == "https://example.org/m.parquet"

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..config import Settings
+from ..config import Settings, in_checkout
 from ..registry import ModelRef, load_model
 from .paths import BatchPaths, rejects_location
 
@@ -84,7 +84,7 @@ def score_month(paths: BatchPaths, model, model_version: str, *, settings: Setti
     logger = logger or log
     start = time.perf_counter()
     location = open_input(paths, settings)
-    logger.info("%s: reading %s", paths.label, location)
+    logger.info("%s: reading %s", paths.label, in_checkout(location))
     rows, squared, total_diff, reasons = 0, 0.0, 0.0, Counter()
     with staged(paths.output_file) as results, staged(rejects_location(paths.output_file)) as rejects:
         for df in iter_month(location, settings, batch_size, label=paths.label):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import shutil
 import uuid
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -141,6 +144,28 @@ def test_crash_mid_write_to_s3_keeps_previous_object(batch_stack, feb, monkeypat
 class _ConstantModel:
     def predict(self, features):
         return np.full(len(features), 12.0)
+
+
+def test_the_log_names_an_input_inside_the_checkout_relative_to_it(synthetic_months, tmp_path, caplog):
+    """A flow run's log is shown in the Prefect UI and the notebooks: it names no machine's folders."""
+    repo = Path(__file__).resolve().parents[2]
+    folder = repo / ".local" / f"test-input-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    try:
+        source = shutil.copy(synthetic_months[(2021, 2)], folder / "green_tripdata_2021-02.parquet")
+        paths = batch_paths.month_paths(
+            "green", 2021, 2, RUN_ID, settings=get_settings(), input_file=str(source),
+            output_file=str(tmp_path / "o.parquet"),
+        )  # fmt: skip
+        with caplog.at_level(logging.INFO, logger="test.score"):
+            scoring.score_month(
+                paths, _ConstantModel(), RUN_ID, settings=get_settings(), logger=logging.getLogger("test.score")
+            )
+    finally:
+        shutil.rmtree(folder)
+    relative = f"green 2021-02: reading .local/{folder.name}/green_tripdata_2021-02.parquet"
+    assert relative in caplog.messages, caplog.messages
+    assert not [m for m in caplog.messages if str(repo) in m]
 
 
 # ----------------------------------------------------------------------------- bad input

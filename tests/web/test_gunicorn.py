@@ -530,4 +530,5 @@ def test_stop_waits_at_most_keepalive_for_idle_clients():
     server.stop()
     took = time.monotonic() - start
     assert server.proc.returncode is not None
-    assert took < CONFIG["keepalive"] + 1.5 < CONFIG["graceful_timeout"], f"stopping took {took:.1f} s"
+    # The margin is the workers' and the arbiter's own exit, seconds on a busy machine; still far from graceful_timeout.
+    assert took < CONFIG["keepalive"] + 4 < CONFIG["graceful_timeout"], f"stopping took {took:.1f} s"

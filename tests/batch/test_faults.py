@@ -51,9 +51,10 @@ def _backfill(env: dict, *args: str) -> subprocess.Popen:
 
 
 def test_backfill_killed_between_months_resumes_without_rescoring(batch_stack, batch_model, tmp_path):
-    months = ["2019-01", "2019-02", "2019-03", "2019-04"]
-    # Months of 200,000 rides (a second or more each): with small ones all four could be done before the first look.
-    source = write_synthetic_month(tmp_path / "month.parquet", 2021, 2, n_rows=200_000)
+    months = ["2019-01", "2019-02", "2019-03"]
+    # Months of a real green month's size (60,000 rides, most of a second each, scored one after another):
+    # with tiny ones every month could be done before the first look.
+    source = write_synthetic_month(tmp_path / "month.parquet", 2021, 2, n_rows=60_000)
     env = {**os.environ, "BATCH_INPUT_PREFIX": str(_months(tmp_path / "in", source, months))}
     bucket = get_settings().predictions_bucket
 

@@ -10,15 +10,16 @@ finish in about the time of the longer one. The notebooks' report is printed
 after the tests'. If the default stack was not running before, it is stopped
 again afterwards, so `make test` leaves the machine as it found it.
 
-The UI check (scripts/screenshots.py --check) runs right after nbval, while the stack
-the notebooks used still runs with their model, deployment and flow run: each MLflow and
-Prefect page must render in headless Chromium and name what it shows.
+The UI check (scripts/screenshots.py --check) runs as soon as nbval ends, beside the tests still
+running, while the stack the notebooks used still runs with their model, deployment and flow run:
+each MLflow and Prefect page must render in headless Chromium and name what it shows.
 """
 
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from workbench.stack import LocalStack
@@ -36,7 +37,7 @@ def main() -> int:
     pytest = [sys.executable, "-m", "pytest", "--durations", "15"]
     nbval = ["--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg", "--nbval-cell-timeout", "900"]
     try:
-        with tempfile.TemporaryFile("w+") as log:
+        with tempfile.TemporaryFile("w+") as log, tempfile.TemporaryFile("w+") as ui_log:
             nb = subprocess.Popen(
                 [*pytest, "notebooks", *nbval, *extra],
                 cwd=ROOT,
@@ -45,15 +46,31 @@ def main() -> int:
                 stderr=log,
                 text=True,
             )
+            after = {}
+
+            def check_uis() -> None:
+                after["notebooks"] = nb.wait()
+                after["uis"] = subprocess.call(
+                    [sys.executable, "scripts/screenshots.py", "--check"],
+                    cwd=ROOT,
+                    env=dict(os.environ),
+                    stdout=ui_log,
+                    stderr=ui_log,
+                )
+
+            uis = threading.Thread(target=check_uis)
+            uis.start()
             tests = subprocess.call([*pytest, "tests", *XDIST, *extra], cwd=ROOT, env=dict(os.environ))
-            notebooks = nb.wait()
-            log.seek(0)
-            print("==> nbval over every notebook (ran beside the tests)", flush=True)
-            sys.stdout.write(log.read())
-            sys.stdout.flush()
-        print("==> the MLflow and Prefect UIs render (scripts/screenshots.py --check)", flush=True)
-        uis = subprocess.call([sys.executable, "scripts/screenshots.py", "--check"], cwd=ROOT, env=dict(os.environ))
-        return tests or notebooks or uis
+            uis.join()
+            for title, output in (
+                ("nbval over every notebook (ran beside the tests)", log),
+                ("the MLflow and Prefect UIs render (scripts/screenshots.py --check, after nbval)", ui_log),
+            ):
+                print(f"==> {title}", flush=True)
+                output.seek(0)
+                sys.stdout.write(output.read())
+                sys.stdout.flush()
+        return tests or after["notebooks"] or after["uis"]
     finally:
         if not was_up:
             stack.down()

@@ -157,6 +157,7 @@ def test_training_with_tracking_server_down_says_how_to_start_it(capsys, monkeyp
 @pytest.fixture
 def own_stack(tmp_path, monkeypatch):
     """A separate stack (restartable without disturbing the session one)."""
+    session_tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     stack = LocalStack(
         local_dir=tmp_path / "local", ports={n: free_port() for n in ("s3", "mlflow", "prefect")}, quiet=True
     )
@@ -164,9 +165,20 @@ def own_stack(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     yield stack
     stack.down()
+    if session_tracking_uri and "mlflow" in sys.modules:  # loading a model set MLflow's process-wide URI
+        sys.modules["mlflow"].set_tracking_uri(session_tracking_uri)
 
 
-def test_stack_restart_keeps_registry_and_artifacts_and_s3_survives_tracking_down(own_stack, trained_model, capsys):
+def test_restart_and_kill_9_keep_registry_models_and_objects_and_s3_serves_with_tracking_down(
+    own_stack, trained_model, capsys
+):
+    """One stack through both ways it stops: `down` + `up`, then `kill -9` of each server's process (pid
+    files) + `up`. After each the @production model loads and the objects read back byte for byte; with the
+    tracking server down, S3 still serves the model; when its artifacts are gone, loading says so and where."""
+    import pandas as pd
+
+    from ride_duration.aws import s3_client, storage_options
+
     stack = own_stack
     stack.quiet = False
     stack.up(("s3", "mlflow"))
@@ -177,37 +189,68 @@ def test_stack_restart_keeps_registry_and_artifacts_and_s3_survives_tracking_dow
     assert {n: stack.status()[n]["pid"] for n in ("s3", "mlflow")} == pids
 
     logged = log_to_mlflow(trained_model["result"], promote=True, settings=get_settings())
-    from ride_duration.aws import s3_client
+    rides = [{**EXAMPLE, "trip_distance": d} for d in (0.5, 3.66, 12.0)]
+    expected = make_prediction(trained_model["pipeline"], rides)
+    path = f"s3://{stack.predictions_bucket}/taxi_type=green/year=2021/month=02/predictions.parquet"
+    pd.DataFrame({"ride_id": ["a", "b", "c"], "predicted_duration": expected}).to_parquet(
+        path, storage_options=storage_options(path, get_settings())
+    )  # pandas -> s3fs -> SeaweedFS, as batch writes
+    key = path.removeprefix(f"s3://{stack.predictions_bucket}/")
+    written = s3_client(get_settings()).get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read()
+    before = stack.s3_inventory()
+    assert before[stack.predictions_bucket] == 1 and before[stack.mlflow_bucket] >= 5  # MLmodel, model.skops, ...
 
-    s3_client(get_settings()).put_object(
-        Bucket=stack.predictions_bucket, Key="taxi_type=green/year=2021/month=02/x.parquet", Body=b"abc"
-    )
+    def everything_is_kept() -> None:
+        assert stack.s3_inventory() == before
+        model, version = load_model(settings=get_settings())  # models:/NYCRideDurationModel@production
+        assert version == logged.run_id
+        assert make_prediction(model, rides).tolist() == pytest.approx(expected.tolist())
+        assert s3_client(get_settings()).get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read() == written
 
     stack.down()
     assert not any(stack.healthy(n) for n in ("s3", "mlflow"))
     stack.up(("s3", "mlflow"))
+    everything_is_kept()
 
-    body = (
-        s3_client(get_settings())
-        .get_object(Bucket=stack.predictions_bucket, Key="taxi_type=green/year=2021/month=02/x.parquet")["Body"]
-        .read()
-    )
-    assert body == b"abc"
-    model, version = load_model(settings=get_settings())  # registry + alias after the restart
-    assert version == logged.run_id
+    pids = {name: stack._pid_info(name)["pid"] for name in ("s3", "kinesis", "mlflow")}
+    for pid in pids.values():
+        _kill_9(pid)  # the pid file's process only: mlflow's uvicorn worker lives on, orphaned
+    capsys.readouterr()
+    stack.up(("s3", "mlflow"))
+    out = capsys.readouterr().out
+    print(f"{out}objects before kill -9: {before}, after up: {stack.s3_inventory()}")  # the figures (-rP)
+    for name, pid in pids.items():
+        assert f"pid {pid} (from {stack._pidfile(name)}) is no longer running" in out
+    # mlflow's uvicorn worker outlived its parent: named with its port, stopped, then mlflow started afresh
+    assert "mlflow   pid" in out and f"listening on 127.0.0.1:{stack.ports['mlflow']}" in out
+    assert "running without a pid file (deleted, or its parent process crashed): stopped it" in out
+    assert f"s3       {sum(before.values())} object(s) in {len(before)} bucket(s) kept" in out
+    assert "recreated empty (moto keeps streams in memory" in out
+    everything_is_kept()
 
     # the course's point: with the tracking server down, S3 still serves the model
     stack._stop("mlflow")
     assert not stack.healthy("mlflow")
     with pytest.raises(ModelNotFound):
         load_model(settings=get_settings())
-    model, version = load_model(
-        s3_model_uri(stack.mlflow_bucket, logged.experiment_id, logged.model_id), settings=get_settings()
-    )
+    model_uri = s3_model_uri(stack.mlflow_bucket, logged.experiment_id, logged.model_id)
+    model, version = load_model(model_uri, settings=get_settings())
     assert version == logged.run_id
     assert make_prediction(model, [EXAMPLE]).tolist() == pytest.approx(
         make_prediction(trained_model["pipeline"], [EXAMPLE]).tolist()
     )
+
+    # When the artifacts ARE gone, loading says so, and where.
+    bucket, _, prefix = logged.s3_uri.removeprefix("s3://").partition("/")
+    s3 = s3_client(get_settings())
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+    with pytest.raises(ModelNotFound) as excinfo:
+        load_model(model_uri, settings=get_settings())
+    message = str(excinfo.value)
+    assert "artifacts are missing" in message
+    assert logged.s3_uri.rstrip("/") in message and stack.url("s3") in message
 
 
 def test_port_taken_by_someone_else(tmp_path):
@@ -261,74 +304,6 @@ def _kill_9(pid: int) -> None:
         os.waitpid(pid, 0)  # started by this process: reap it, as its parent would
     except ChildProcessError:
         pass
-
-
-def test_kill_9_of_every_stack_process_keeps_models_and_objects(trained_model, tmp_path, monkeypatch, capsys):
-    """Train + score, `kill -9` each server's process (pid files), `up`: the @production
-    model loads and the predictions object reads back byte for byte."""
-    import mlflow
-    import pandas as pd
-
-    from ride_duration.aws import s3_client, storage_options
-
-    session_tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-    stack = LocalStack(local_dir=tmp_path / "local", ports={n: free_port() for n in ("s3", "mlflow", "prefect")})
-    for key, value in stack.env().items():
-        monkeypatch.setenv(key, value)
-    try:
-        stack.up(("s3", "mlflow"))
-        logged = log_to_mlflow(trained_model["result"], promote=True, settings=get_settings())
-        rides = [{**EXAMPLE, "trip_distance": d} for d in (0.5, 3.66, 12.0)]
-        expected = make_prediction(trained_model["pipeline"], rides)
-        path = f"s3://{stack.predictions_bucket}/taxi_type=green/year=2021/month=02/predictions.parquet"
-        pd.DataFrame({"ride_id": ["a", "b", "c"], "predicted_duration": expected}).to_parquet(
-            path, storage_options=storage_options(path, get_settings())
-        )  # pandas -> s3fs -> SeaweedFS, as batch writes
-        key = path.removeprefix(f"s3://{stack.predictions_bucket}/")
-        written = s3_client(get_settings()).get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read()
-        before = stack.s3_inventory()
-        assert before[stack.predictions_bucket] == 1 and before[stack.mlflow_bucket] >= 5  # MLmodel, model.skops, ...
-
-        pids = {name: stack._pid_info(name)["pid"] for name in ("s3", "kinesis", "mlflow")}
-        for pid in pids.values():
-            _kill_9(pid)  # the pid file's process only: mlflow's uvicorn worker lives on, orphaned
-        capsys.readouterr()
-        stack.up(("s3", "mlflow"))
-        out = capsys.readouterr().out
-        print(f"{out}objects before kill -9: {before}, after up: {stack.s3_inventory()}")  # the figures (-rP)
-
-        for name, pid in pids.items():
-            assert f"pid {pid} (from {stack._pidfile(name)}) is no longer running" in out
-        # mlflow's uvicorn worker outlived its parent: named with its port, stopped, then mlflow started afresh
-        assert "mlflow   pid" in out and f"listening on 127.0.0.1:{stack.ports['mlflow']}" in out
-        assert "running without a pid file (deleted, or its parent process crashed): stopped it" in out
-        assert f"s3       {sum(before.values())} object(s) in {len(before)} bucket(s) kept" in out
-        assert "recreated empty (moto keeps streams in memory" in out
-        assert stack.s3_inventory() == before
-        model, version = load_model(
-            settings=get_settings()
-        )  # models:/NYCRideDurationModel@production, through the restarted registry
-        assert version == logged.run_id
-        assert make_prediction(model, rides).tolist() == pytest.approx(expected.tolist())
-        assert s3_client(get_settings()).get_object(Bucket=stack.predictions_bucket, Key=key)["Body"].read() == written
-        assert pd.read_parquet(path, storage_options=storage_options(path, get_settings()))[
-            "predicted_duration"
-        ].tolist() == (pytest.approx(expected.tolist()))
-
-        # When the artifacts ARE gone, loading says so, and where.
-        bucket, _, prefix = logged.s3_uri.removeprefix("s3://").partition("/")
-        s3 = s3_client(get_settings())
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                s3.delete_object(Bucket=bucket, Key=obj["Key"])
-        with pytest.raises(ModelNotFound) as excinfo:
-            load_model(settings=get_settings())
-        message = str(excinfo.value)
-        assert "artifacts are missing" in message
-        assert logged.s3_uri.rstrip("/") in message and stack.url("s3") in message
-    finally:
-        stack.down()
-        mlflow.set_tracking_uri(session_tracking_uri)
 
 
 def test_upgrade_from_the_moto_s3_version_loses_no_object(tmp_path, capsys):

@@ -15,10 +15,8 @@ import argparse
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
-import venv
 from pathlib import Path
 
 from benchmarks.figures import record
@@ -28,6 +26,7 @@ BASELINE_MB = 1035  # the former [packages] set (with onnxruntime, skl2onnx), sa
 TARGET = 0.5  # the Lambda image's install: at most half of the baseline
 
 LAMBDA_LIMIT_MB = 150  # the function's own packages (boto3 is the Lambda base image's)
+IMAGE_PYTHON = "3.12"  # python:3.12-slim and public.ecr.aws/lambda/python:3.12: wheels differ per version
 
 SETS = {
     "web": "packages web",  # docker/web-service/Dockerfile
@@ -61,10 +60,17 @@ def requirements(categories: str) -> str:
     return done.stdout
 
 
-def replay(categories: str, work: Path) -> dict:
-    """A fresh venv (no pip in it) holding only this set: its site-packages size."""
+def image_python() -> Path:
+    """The images' Python (both bases ship 3.12): a pyenv 3.12 beside this one, else this interpreter."""
+    versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"), "versions")
+    found = sorted(versions.glob(f"{IMAGE_PYTHON}.*/bin/python{IMAGE_PYTHON}"))
+    return found[-1] if found else Path(sys.executable)
+
+
+def replay(categories: str, work: Path, python: Path) -> dict:
+    """A fresh venv of `python` (no pip in it) holding only this set: its site-packages size."""
     target = work / categories.replace(" ", "-")
-    venv.create(target, with_pip=False, system_site_packages=False)
+    subprocess.run([str(python), "-m", "venv", "--without-pip", str(target)], check=True)
     python = target / "bin" / "python"
     site = Path(
         subprocess.run(
@@ -89,11 +95,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     args = parser.parse_args(argv)
-    print(f"python {sysconfig.get_python_version()}, Pipfile.lock replayed per image (site-packages, MB)")
+    python = image_python()
+    version = subprocess.run([str(python), "-c", "import sys; print(sys.version.split()[0])"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    print(f"python {version} (the images' {IMAGE_PYTHON}), Pipfile.lock replayed per image (site-packages, MB)")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-images-") as tmp:
         for name in args.sets:
-            results[name] = replay(SETS[name], Path(tmp))
+            results[name] = replay(SETS[name], Path(tmp), python)
             r = results[name]
             print(f"  replayed {name:<7} {r['mb']:7.0f} MB  {r['dists']:3d} distributions  ({r['seconds']:.0f} s)")
     before = results.get("before")
@@ -111,7 +120,7 @@ def main(argv=None) -> int:
             f"target <= {TARGET:.0%} ({limit:.0f} MB): {verdict} it; own packages <= {LAMBDA_LIMIT_MB} MB: "
             f"{'meets' if lam['mb'] <= LAMBDA_LIMIT_MB else 'MISSES'} it"
         )
-        figures = {f"{name}_mb": round(r["mb"]) for name, r in results.items()}
+        figures = {"python": version, **{f"{name}_mb": round(r["mb"]) for name, r in results.items()}}
         if "lambda-before" in results:
             figures["lambda_vs_before"] = round(lam["mb"] / results["lambda-before"]["mb"], 3)
         record("images", figures)

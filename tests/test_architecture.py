@@ -217,11 +217,11 @@ def _defined_private_names(trees) -> set[str]:
     return {name for name in names if _private(name)}
 
 
-def _library_root(node: ast.AST, library_names: dict) -> bool:
-    """`node` is a name imported from a library, or an attribute chain starting at one (`pq.ParquetWriter`)."""
+def _root_name(node: ast.AST) -> str | None:
+    """The name an attribute chain starts at (`pq` of `pq.ParquetWriter.write`), or None (a call, a literal)."""
     while isinstance(node, ast.Attribute):
         node = node.value
-    return isinstance(node, ast.Name) and node.id in library_names
+    return node.id if isinstance(node, ast.Name) else None
 
 
 def library_api_findings() -> list[str]:
@@ -254,16 +254,13 @@ def library_api_findings() -> list[str]:
             if (
                 private_read
                 and node.attr not in PUBLIC_UNDERSCORED
-                and (node.attr not in ours or _library_root(node.value, library_names))
+                and (node.attr not in ours or _root_name(node.value) in library_names)
             ):
                 findings.append(f"{where}:{node.lineno} reads private attribute .{node.attr} of a library object")
             if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 for target in targets:
-                    root = target
-                    while isinstance(root, ast.Attribute):
-                        root = root.value
-                    if isinstance(target, ast.Attribute) and isinstance(root, ast.Name) and root.id in modules:
+                    if isinstance(target, ast.Attribute) and _root_name(target) in modules:
                         findings.append(f"{where}:{node.lineno} assigns to {ast.unparse(target)} (a library module)")
             if isinstance(node, ast.Call):
                 for keyword in node.keywords:
@@ -276,7 +273,7 @@ def library_api_findings() -> list[str]:
                     or (isinstance(func, ast.Name) and func.id == "setattr")
                 ):
                     first = node.args[0] if node.args else None
-                    if first is not None and _library_root(first, library_names):
+                    if first is not None and _root_name(first) in library_names:
                         findings.append(
                             f"{where}:{node.lineno} sets an attribute of library object {ast.unparse(first)}"
                         )
@@ -284,13 +281,11 @@ def library_api_findings() -> list[str]:
                         findings.append(f"{where}:{node.lineno} patches {first.value}")
             if isinstance(node, ast.ClassDef):
                 for base in node.bases:
-                    root = base
-                    while isinstance(root, ast.Attribute):
-                        root = root.value
-                    if not (isinstance(root, ast.Name) and root.id in library_names):
+                    root = _root_name(base)
+                    if root not in library_names:
                         continue
                     name = ast.unparse(base)
-                    module = library_names[root.id]
+                    module = library_names[root]
                     if module.split(".")[0] == "prefect" or name.endswith(ENGINE_NAMES):
                         findings.append(f"{where}:{node.lineno} class {node.name} subclasses {module}'s {name}")
     return findings

@@ -269,6 +269,33 @@ def test_runner_made_before_the_restart_notices_it(kinesis, streams, stub_model,
     assert [e["prediction"]["ride_id"] for e in written] == [f"ride-{i}" for i in (0, 1, 2, 3, 4, 100, 101, 102)]
 
 
+def test_failed_batches_of_two_stream_incarnations_are_both_kept(kinesis, s3, settings, streams, tmp_path):
+    """The same failing range in a stream and in the stream created again under its name (numbered from 1
+    again): two failure objects, the second beside the first, not over it."""
+    objects = []
+    for incarnation in range(2):
+        if incarnation:
+            recreate(kinesis, streams["input"])
+        seqs = put_payloads(kinesis, streams["input"], [ride_payload(i) for i in range(3)])
+
+        def fails_from_record_1(event, context, failing=seqs[1]):
+            return {"batchItemFailures": [{"itemIdentifier": failing}]}
+
+        runner = EventSourceRunner(
+            fails_from_record_1, streams["input"], checkpoint=Checkpoint(tmp_path / "cp.json"), max_retries=0
+        )
+        stats = runner.run(once=True)
+        assert stats.failed_records == 2
+        objects.extend(stats.failure_objects)
+    assert objects[0] != objects[1] and objects[0].rsplit("/", 1)[1] == objects[1].rsplit("/", 1)[1]
+    stored = failures_in(s3, settings.predictions_bucket, streams["input"])
+    assert len(stored) == 2
+    assert {f["KinesisBatchInfo"]["streamArn"] for f in stored} == {runner.stream_arn}
+    assert [
+        (f["KinesisBatchInfo"]["startSequenceNumber"], f["KinesisBatchInfo"]["endSequenceNumber"]) for f in stored
+    ] == [(seqs[1], seqs[2])] * 2
+
+
 @pytest.mark.parametrize("with_identity", [False, True], ids=["file-without-stream", "file-of-this-stream"])
 def test_checkpoint_beyond_the_shard_is_read_from_trim_horizon(
     with_identity, kinesis, streams, stub_model, tmp_path, caplog

@@ -135,10 +135,13 @@ def _dead_tracking_server(monkeypatch) -> str:
 
 @pytest.fixture
 def restore_tracking_uri():
-    yield
+    """The session server again for later tests. Read before the test: this fixture's teardown runs before
+    monkeypatch's, while MLFLOW_TRACKING_URI still names the dead server."""
     import mlflow
 
-    mlflow.set_tracking_uri(get_settings().mlflow_tracking_uri)  # the session server again for later tests
+    uri = get_settings().mlflow_tracking_uri
+    yield
+    mlflow.set_tracking_uri(uri)
 
 
 def test_model_id_and_experiment_id_score_a_month_with_the_tracking_server_down(

@@ -20,13 +20,15 @@ import time
 from pathlib import Path
 
 from benchmarks.figures import record
+from workbench.images import base_python_version, image_python
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_MB = 1035  # the former [packages] set (with onnxruntime, skl2onnx), same replay
 TARGET = 0.5  # the Lambda image's install: at most half of the baseline
 
 LAMBDA_LIMIT_MB = 150  # the function's own packages (boto3 is the Lambda base image's)
-IMAGE_PYTHON = "3.12"  # python:3.12-slim and public.ecr.aws/lambda/python:3.12: wheels differ per version
+# The images' Python (python:3.12-slim, public.ecr.aws/lambda/python:3.12): wheels differ per version.
+DOCKERFILES = [REPO / "docker" / name / "Dockerfile" for name in ("web-service", "streaming")]
 
 SETS = {
     "web": "packages web",  # docker/web-service/Dockerfile
@@ -60,11 +62,10 @@ def requirements(categories: str) -> str:
     return done.stdout
 
 
-def image_python() -> Path:
-    """The images' Python (both bases ship 3.12): a pyenv 3.12 beside this one, else this interpreter."""
-    versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"), "versions")
-    found = sorted(versions.glob(f"{IMAGE_PYTHON}.*/bin/python{IMAGE_PYTHON}"))
-    return found[-1] if found else Path(sys.executable)
+def images_python() -> tuple[str, Path]:
+    """The Python both images run and an interpreter of it here, else this one."""
+    (version,) = {base_python_version(dockerfile) for dockerfile in DOCKERFILES}
+    return version, image_python(DOCKERFILES[0]) or Path(sys.executable)
 
 
 def replay(categories: str, work: Path, python: Path) -> dict:
@@ -95,10 +96,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     args = parser.parse_args(argv)
-    python = image_python()
+    image_version, python = images_python()
     version = subprocess.run([str(python), "-c", "import sys; print(sys.version.split()[0])"],
                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    print(f"python {version} (the images' {IMAGE_PYTHON}), Pipfile.lock replayed per image (site-packages, MB)")
+    print(f"python {version} (the images' {image_version}), Pipfile.lock replayed per image (site-packages, MB)")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-images-") as tmp:
         for name in args.sets:

@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 from packaging.markers import Marker
 
+from workbench.images import BASES, base_image
+
 REPO = Path(__file__).resolve().parents[1]
 
-# Each base image: its Python and the glibc its manylinux wheels may need at most.
-BASES = {
-    "public.ecr.aws/lambda/python:3.12": ("3.12", 34),  # Amazon Linux 2023: glibc 2.34
-    "python:3.12-slim": ("3.12", 36),  # Debian bookworm: glibc 2.36
-    "public.ecr.aws/lambda/python:3.11": ("3.11", 26),  # Amazon Linux 2: glibc 2.26 (the former Lambda base)
-}
 LOCK_SECTION = {"packages": "default", "dev-packages": "develop"}  # other categories keep their name
 
 
@@ -80,7 +76,7 @@ print(ride_duration.__version__, ride_duration.__file__, round(float(p[0]), 3))
 def image_install(dockerfile: Path) -> tuple[str, list[str]]:
     """(base image, locked categories) from a Dockerfile's FROM and its `pipenv install --categories` line."""
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
-    base = re.search(r"^FROM\s+(\S+)", text, re.MULTILINE).group(1)
+    base = base_image(dockerfile)
     (line,) = [line for line in text.splitlines() if "pipenv install" in line and not line.startswith("#")]
     words = shlex.split(line)
     return base, words[words.index("--categories") + 1].split()

@@ -32,11 +32,13 @@ from pathlib import Path
 
 import pytest
 
+from workbench.images import base_python_version, image_python
+
 from .conftest import REPO
 
 DOCKERFILE = REPO / "docker" / "streaming" / "Dockerfile"
 # The Lambda base image's Python (public.ecr.aws/lambda/python:3.12), installed beside this one.
-BASE_PYTHON = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"), "versions", "3.12.1", "bin", "python3.12")
+BASE_PYTHON = image_python(DOCKERFILE)
 # What the base image carries that the function uses: boto3 (and botocore, its dependencies).
 BASE_PACKAGES = ("boto3",)
 LAMBDA_PACKAGES_MB = 150  # the function's own installed packages
@@ -213,8 +215,8 @@ def test_package_from_copied_files_installs_no_deps_and_handler_imports(tmp_path
 def image_venv(tmp_path_factory):
     """The Dockerfile's COPY and pip/pipenv RUN steps replayed into a fresh venv of the base image's
     Python, which sees boto3 (the lock's pin) in a folder of its own, as the base image has it."""
-    if not BASE_PYTHON.is_file():
-        pytest.skip(f"the Lambda base image's Python is not installed here ({BASE_PYTHON})")
+    if BASE_PYTHON is None:
+        pytest.skip(f"no Python {base_python_version(DOCKERFILE)} (the Lambda base image's) on this machine")
     root = tmp_path_factory.mktemp("lambda-image")
     fresh, task_root, base_site = root / "venv", root / "var" / "task", root / "var" / "runtime"
     task_root.mkdir(parents=True)

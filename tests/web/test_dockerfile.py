@@ -25,6 +25,7 @@ import requests
 
 from ride_duration.config import WEB_PORT
 from ride_duration.web.server import APP_SPEC
+from workbench.images import image_python
 from workbench.stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,14 +47,6 @@ def parse_dockerfile(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
 
 
 INSTRUCTIONS = parse_dockerfile()
-
-
-def base_python() -> Path | None:
-    """This machine's Python of the image's base (`FROM python:3.12-slim` -> a pyenv 3.12), or None."""
-    version = re.match(r"python:(\d+\.\d+)", args_of("FROM")[0]).group(1)
-    versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"), "versions")
-    found = sorted(versions.glob(f"{version}.*/bin/python{version}"))
-    return found[-1] if found else None
 
 
 def args_of(name: str) -> list[str]:
@@ -133,7 +126,7 @@ def image_venv(tmp_path_factory):
     """Replay the Dockerfile's WORKDIR/COPY/pip steps into a fresh venv of the image's Python."""
     if os.environ.get("WEB_SKIP_INSTALL_TEST"):
         pytest.skip("WEB_SKIP_INSTALL_TEST is set")
-    python = base_python()
+    python = image_python(DOCKERFILE)
     if python is None:
         pytest.skip(f"no Python of the image's base ({args_of('FROM')[0]}) on this machine")
     root = tmp_path_factory.mktemp("image")

@@ -36,7 +36,7 @@ from ride_duration.aws import s3_client, storage_options
 from ride_duration.batch import FULL_NAME, predicting, reading, scoring
 from ride_duration.batch import paths as batch_paths
 from ride_duration.batch.deploy import create_deployment
-from ride_duration.batch.flows import run_backfill
+from ride_duration.batch.flows import HEARTBEATS_OFF, run_backfill
 from ride_duration.config import get_settings
 from ride_duration.features import prepare_features
 from ride_duration.registry import resolve_model
@@ -279,8 +279,9 @@ def main(argv=None) -> int:
     except s3.exceptions.BucketAlreadyOwnedByYou:  # left by an interrupted run; emptied at the end
         pass
     print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start (other work skews wall times)")
-    # Prefect read its settings when this module imported it, before the stack's URL was set.
-    with temporary_settings(updates={PREFECT_API_URL: os.environ["PREFECT_API_URL"]}):
+    # Prefect read its settings when this module imported it, before the stack's URL was set; heartbeats
+    # off once here, as the CLI has them for its one backfill (`run_backfill`), not again in each run.
+    with temporary_settings(updates={PREFECT_API_URL: os.environ["PREFECT_API_URL"], **HEARTBEATS_OFF}):
         try:
             ref = resolve_model(None, settings)
             model, version = scoring.load_model_ref(ref, settings)

@@ -16,6 +16,7 @@ from datetime import datetime
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.filesystems import RemoteFileSystem
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ..aws import storage_options
@@ -29,6 +30,7 @@ from .scoring import load_model_ref, score_month
 # Imported inside functions, to keep them lazy: prefect_dask (dask.distributed, ~1 s), only for --dask.
 
 RESULTS_BLOCK = "ride-duration-results"
+HEARTBEATS_OFF = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
 # A run whose worker died is scheduled again (`deploy`); one that kills every worker it runs on fails at its 4th start.
 MAX_STARTS = 3
 
@@ -76,8 +78,14 @@ def result_storage(settings: Settings) -> RemoteFileSystem:
     """The months' summaries in S3, for every machine; a saved block (as a task's storage must be), no credentials."""
     basepath = f"s3://{settings.predictions_bucket}/_prefect-results"
     storage = RemoteFileSystem(basepath=basepath, settings=storage_options(basepath, settings))
-    storage.save(RESULTS_BLOCK, overwrite=True)
-    return storage
+    try:
+        saved = RemoteFileSystem.load(RESULTS_BLOCK)
+    except ValueError:  # not on this server yet
+        saved = None
+    if saved is None or (saved.basepath, saved.settings) != (storage.basepath, storage.settings):
+        storage.save(RESULTS_BLOCK, overwrite=True)  # one read when it is there already; a save is four requests
+        return storage
+    return saved
 
 
 def score_months(taxi_type: str, months: list[tuple[int, int]], run_id: str | None, force: bool) -> list[dict]:
@@ -128,10 +136,15 @@ def ride_duration_prediction_backfill(
 
 def run_backfill(*, dask: str | None = None, **parameters):
     """The backfill here (one month after the other) or, with `dask` (a scheduler's address,
-    `tcp://host:8786`), its months on that Dask cluster's workers, as many at once as they have threads."""
+    `tcp://host:8786`), its months on that Dask cluster's workers, as many at once as they have threads.
+    Without heartbeats: they feed the deployment's zombie automation, while a backfill run here resumes
+    from its persisted results; Prefect's heartbeat thread, which sleeps in 1 s steps, held each run's end."""
     backfill = ride_duration_prediction_backfill
     if dask:
         from prefect_dask import DaskTaskRunner
 
         backfill = backfill.with_options(task_runner=DaskTaskRunner(address=dask))
-    return backfill(**parameters)
+    if get_current_settings().flows.heartbeat_frequency is None:  # off already: building settings costs ~0.1 s
+        return backfill(**parameters)
+    with temporary_settings(updates=HEARTBEATS_OFF):
+        return backfill(**parameters)

@@ -9,7 +9,7 @@ MONTH ?= 2021-02
 TAXI ?= green
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: help venv kernel course notebooks screenshots lint test test-fast test-unit test-notebooks services-up services-down services-status \
+.PHONY: help venv kernel course notebooks screenshots lint test test-fast test-slow test-unit test-notebooks services-up services-down services-status \
         data train build serve predict stream-run invoke-server score backfill deploy workers \
         bench-web bench-stream bench-batch bench-images clean
 
@@ -47,6 +47,8 @@ lint: venv ## ruff check and ruff format --check (configured in pyproject.toml);
 	$(VENV)/bin/actionlint .github/workflows/ci.yml
 test-fast: venv ## the tests that start no server (about 10 s)
 	$(PY) -m pytest tests -m "not integration" -q
+test-slow: venv ## the tests that wait minutes of real time (a dead worker's run scheduled again, about 2 min)
+	$(PY) -m pytest tests -m slow -q
 notebooks: venv ## re-execute every notebook in place, in order, on a fresh default stack (stops it, clears .local/)
 	$(PY) scripts/run_notebooks.py $(NOTEBOOKS)
 screenshots: venv ## the MLflow and Prefect UIs into notebooks/img/ (stack up, notebooks 02-06 run)

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tests in two processes, each module (the batch package, the real-data model) kept in one of them
 # (tests/conftest.py groups them): they mostly wait on servers, so two share 2 cores and the notebooks.
 XDIST = ["-n", os.environ.get("TEST_PROCESSES", "2"), "--dist", "loadgroup"]
+SUITE = ["-m", "not slow"]  # the tests that wait minutes of real time run with `make test-slow`
 
 
 def main() -> int:
@@ -60,7 +61,7 @@ def main() -> int:
 
             uis = threading.Thread(target=check_uis)
             uis.start()
-            tests = subprocess.call([*pytest, "tests", *XDIST, *extra], cwd=ROOT, env=dict(os.environ))
+            tests = subprocess.call([*pytest, "tests", *XDIST, *SUITE, *extra], cwd=ROOT, env=dict(os.environ))
             uis.join()
             for title, output in (
                 ("nbval over every notebook (ran beside the tests)", log),

@@ -1,9 +1,8 @@
 """Command lines of the batch part (scripts/score*.py and `python -m ride_duration.batch`).
 
-Settings are read once here. Prefect (3 s to import) and papermill are imported once the arguments,
-the Prefect server and the model are checked: a mistake costs a second. A failure is one sentence on
-stderr, exit code 1; Prefect's log lines (tracebacks included) go to its server and UI, not the terminal.
-"""
+Settings are read once here. Prefect (3 s to import) and papermill are imported once the arguments, the Prefect
+server and the model are checked: a mistake costs a second. A failure is one sentence on stderr, exit code 1;
+Prefect's log lines (tracebacks included) go to its server and UI, not the terminal."""
 
 from __future__ import annotations
 

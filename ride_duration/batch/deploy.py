@@ -1,12 +1,11 @@
 """The `monthly` deployment on the process work pool: cron `0 3 2 * *` (03:00 UTC on day 2).
 
-2022: `DeploymentSpec(...)` + `prefect deployment create`; Prefect 2.x: `Deployment.build_from_flow`.
-Prefect 3: `flow.to_deployment(..., work_pool_name=...)` + `apply()`. The entrypoint is a module
-path: a worker (`prefect worker start --pool ride-duration`, any machine) imports the flow from
-the package installed where it runs. `create_deployment` is idempotent: the work pool, the
-deployment, and an automation that schedules again a run silent for 45 s (its worker died;
-Prefect's recipe for "zombie" runs). In Jupyter, `await` these calls (they return coroutines).
-"""
+2022: `DeploymentSpec(...)` + `prefect deployment create`; Prefect 2.x: `Deployment.build_from_flow`. Prefect 3:
+`flow.to_deployment(..., work_pool_name=...)` + `apply()`. The entrypoint is a module path: a worker (`prefect worker
+start --pool ride-duration`, any machine) imports the flow from the package installed where it runs.
+`create_deployment` is idempotent: the work pool, the deployment, and an automation that schedules again a run silent
+for 45 s (its worker died; Prefect's recipe for "zombie" runs). In Jupyter, `await` these calls (they return
+coroutines)."""
 
 from __future__ import annotations
 

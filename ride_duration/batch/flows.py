@@ -1,16 +1,15 @@
-"""The Prefect 3 flows: one month (the `monthly` deployment's runs) and a backfill of many months
-in one flow run; a month is one task, `apply_model` (docs/batch.md).
+"""The Prefect 3 flows: one month (the `monthly` deployment's runs) and a backfill of many months in one flow run; a
+month is one task, `apply_model` (docs/batch.md).
 
-Each month's summary is a persisted result (JSON in S3) under a cache key of month, taxi type,
-model version and input checksum: a re-run skips the months already scored (`Cached`), `force`
-scores them again. Months run one after the other (each uses every core for its trees), or on a
-Dask cluster (`DaskTaskRunner(address=...)`), whose scheduler gives a lost worker's month to
-another. Bad input fails a month at once; other failures are retried twice. A failed month
-publishes nothing, and the flow fails with one sentence per month.
-"""
+Each month's summary is a persisted result (JSON in S3) under a cache key of month, taxi type, model version and
+input checksum: a re-run skips the months already scored (`Cached`), `force` scores them again. Months run one after
+the other (each uses every core for its trees), or on a Dask cluster (`DaskTaskRunner(address=...)`), whose scheduler
+gives a lost worker's month to another. Bad input fails a month at once; other failures are retried twice. A failed
+month publishes nothing, and the flow fails with one sentence per month."""
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -78,14 +77,11 @@ def result_storage(settings: Settings) -> RemoteFileSystem:
     """The months' summaries in S3, for every machine; a saved block (as a task's storage must be), no credentials."""
     basepath = f"s3://{settings.predictions_bucket}/_prefect-results"
     storage = RemoteFileSystem(basepath=basepath, settings=storage_options(basepath, settings))
-    try:
-        saved = RemoteFileSystem.load(RESULTS_BLOCK)
-    except ValueError:  # not on this server yet
-        saved = None
-    if saved is None or (saved.basepath, saved.settings) != (storage.basepath, storage.settings):
-        storage.save(RESULTS_BLOCK, overwrite=True)  # one read when it is there already; a save is four requests
-        return storage
-    return saved
+    with contextlib.suppress(ValueError):  # not on this server yet; one read, where a save is four requests
+        if ((saved := RemoteFileSystem.load(RESULTS_BLOCK)).basepath, saved.settings) == (basepath, storage.settings):
+            return saved
+    storage.save(RESULTS_BLOCK, overwrite=True)
+    return storage
 
 
 def score_months(taxi_type: str, months: list[tuple[int, int]], run_id: str | None, force: bool) -> list[dict]:
@@ -135,16 +131,14 @@ def ride_duration_prediction_backfill(
 
 
 def run_backfill(*, dask: str | None = None, **parameters):
-    """The backfill here (one month after the other) or, with `dask` (a scheduler's address,
-    `tcp://host:8786`), its months on that Dask cluster's workers, as many at once as they have threads.
-    Without heartbeats: they feed the deployment's zombie automation, while a backfill run here resumes
-    from its persisted results; Prefect's heartbeat thread, which sleeps in 1 s steps, held each run's end."""
+    """The backfill here (one month after the other) or, with `dask` (a scheduler's address, `tcp://host:8786`), on
+    that Dask cluster's workers. Without heartbeats: only the deployment's zombie automation reads them, a backfill
+    resumes from its persisted results, and Prefect's heartbeat thread (1 s sleeps) held each run's end up to 1 s."""
     backfill = ride_duration_prediction_backfill
     if dask:
         from prefect_dask import DaskTaskRunner
 
         backfill = backfill.with_options(task_runner=DaskTaskRunner(address=dask))
-    if get_current_settings().flows.heartbeat_frequency is None:  # off already: building settings costs ~0.1 s
-        return backfill(**parameters)
-    with temporary_settings(updates=HEARTBEATS_OFF):
+    off = get_current_settings().flows.heartbeat_frequency is None  # then no new settings: they take ~0.1 s to build
+    with contextlib.nullcontext() if off else temporary_settings(updates=HEARTBEATS_OFF):
         return backfill(**parameters)

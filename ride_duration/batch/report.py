@@ -1,10 +1,8 @@
-"""The instructors' monthly run: papermill executes notebooks/05-batch-scoring.ipynb with the
-month as parameters into `reports/<taxi>-<YYYY>-<MM>.ipynb`, the report (rows, RMSE, `diff`,
-where the predictions went, what the model was trained on). Its cell tagged `summary` prints
-those figures as JSON (`read_summary`). It uses the servers the environment names and never
-starts or trains anything: a server down or no model raises `ReportStopped` in the notebook,
-one sentence saying what to run, which `run_report` turns into `ReportFailed`.
-"""
+"""The instructors' monthly run: papermill executes notebooks/05-batch-scoring.ipynb with the month as parameters into
+`reports/<taxi>-<YYYY>-<MM>.ipynb`, the report (rows, RMSE, `diff`, where the predictions went, what the model was
+trained on). Its cell tagged `summary` prints those figures as JSON (`read_summary`). It uses the servers the
+environment names and never starts or trains anything: a server down or no model raises `ReportStopped` in the
+notebook, one sentence saying what to run, which `run_report` turns into `ReportFailed`."""
 
 from __future__ import annotations
 

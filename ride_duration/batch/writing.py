@@ -1,8 +1,7 @@
-"""Writing a month atomically: rows go to local files first; the month is published at its final
-keys once every ride is scored and the month passed its checks. S3 gets each file in one
-PutObject (up to 5 GB), whole or not at all, nothing pending when S3 or this process dies
-mid-upload (a multipart upload would leave its parts); a local file is moved with `os.replace`.
-"""
+"""Writing a month atomically: rows go to local files first; the month is published at its final keys once every ride is
+scored and the month passed its checks. S3 gets each file in one PutObject (up to 5 GB), whole or not at all, nothing
+pending when S3 or this process dies mid-upload (a multipart upload would leave its parts); a local file is moved
+with `os.replace`."""
 
 from __future__ import annotations
 

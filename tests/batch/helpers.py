@@ -1,6 +1,8 @@
-"""S3 helpers for the batch tests."""
+"""S3 helpers and a polling wait for the batch tests."""
 
 from __future__ import annotations
+
+import time
 
 
 def object_exists(uri: str) -> bool:
@@ -52,3 +54,13 @@ def rides_of_1_to_60_minutes(path) -> list[int]:
     df = pd.read_parquet(path, columns=["lpep_pickup_datetime", "lpep_dropoff_datetime"])
     minutes = (df["lpep_dropoff_datetime"] - df["lpep_pickup_datetime"]).dt.total_seconds() / 60
     return [int(i) for i in df.index[(minutes >= 1) & (minutes <= 60)]]
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.05):
+    """`condition()`'s first true value, polled every `every` s; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+    return value

@@ -18,7 +18,7 @@ import pytest
 from ride_duration.config import get_settings
 from ride_duration.tlc import write_synthetic_month
 
-from .helpers import list_keys, month_with_bad_rows
+from .helpers import list_keys, month_with_bad_rows, wait_for
 from .test_flows import task_states
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,15 +29,6 @@ def _months(folder: Path, source: Path, months: list[str]) -> Path:
     for month in months:
         shutil.copy(source, folder / f"green_tripdata_{month}.parquet")
     return folder
-
-
-def _wait(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def _backfill(env: dict, *args: str) -> subprocess.Popen:
@@ -63,7 +54,7 @@ def test_backfill_killed_between_months_resumes_without_rescoring(batch_stack, b
 
     args = ("--start", months[0], "--end", months[-1], "--run-id", batch_model.run_id)
     killed = _backfill(env, *args)
-    _wait(lambda: results() or killed.poll() is not None, 120, "a month scored")
+    wait_for(lambda: results() or killed.poll() is not None, 120, "a month scored")
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL, killed.stderr.read()
     done = [re.search(r"green-(\d{4}-\d{2})-", key)[1] for key in results()]  # green-2019-01-<run>-<md5>
@@ -110,7 +101,7 @@ def test_a_dask_worker_killed_mid_month_has_it_scored_once_elsewhere(batch_stack
             )
         )
         run.start()
-        busy = _wait(lambda: [a for a, keys in client.processing().items() if keys], 60, "a worker taking the month")
+        busy = wait_for(lambda: [a for a, keys in client.processing().items() if keys], 60, "a worker taking the month")
         name = client.scheduler_info()["workers"][busy[0]]["name"]
         time.sleep(1.0)  # into the month: its model loaded, its rides being read and scored
         victim = cluster.workers[int(name.rsplit("-", 1)[1]) - 1]
@@ -129,7 +120,7 @@ def test_a_dask_worker_killed_mid_month_has_it_scored_once_elsewhere(batch_stack
         with get_client(sync_client=True) as prefect:
             return [log.message for log in prefect.read_logs(log_filter=logs) if ": wrote " in log.message]
 
-    assert len(_wait(written, 20, "the month's log")) == 1 and f"wrote {summary['rows']} predictions" in written()[0]
+    assert len(wait_for(written, 20, "the month's log")) == 1 and f"wrote {summary['rows']} predictions" in written()[0]
 
 
 @pytest.fixture
@@ -173,7 +164,7 @@ def test_s3_killed_mid_month_publishes_nothing_and_says_so_in_one_sentence(
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait(lambda: list(staging.glob(".batch-*")) or score.poll() is not None, 120, "the month being scored")
+    wait_for(lambda: list(staging.glob(".batch-*")) or score.poll() is not None, 120, "the month being scored")
     assert score.poll() is None, score.communicate()
     os.kill(own_s3.pid("s3"), signal.SIGKILL)
     out, err = score.communicate(timeout=180)

@@ -13,18 +13,9 @@ import time
 import pytest
 import requests
 
-from .helpers import list_keys
+from .helpers import list_keys, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _wait(condition, timeout: float, what: str, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
-    return value
 
 
 def test_a_run_whose_worker_died_is_scheduled_again_and_scored_once(batch_stack, batch_model, s3_input):
@@ -55,13 +46,13 @@ def test_a_run_whose_worker_died_is_scheduled_again_and_scored_once(batch_stack,
             response.raise_for_status()
             return response.json()["total"]
 
-        _wait(lambda: flow_run().state.is_running(), 120, "the run on the first worker")
-        _wait(heartbeats, 30, "the run's first heartbeat")
+        wait_for(lambda: flow_run().state.is_running(), 120, "the run on the first worker")
+        wait_for(heartbeats, 30, "the run's first heartbeat")
         workers.kill(first.pid)  # the worker and the run's process, as when the machine dies
         killed = time.monotonic()
         workers.stop(batch_stack)  # its pid file
         workers.start(1, stack=batch_stack, env=poll)
-        final = _wait(lambda: (r := flow_run()).state.is_final() and r, 180, "the run scored again", every=0.5)
+        final = wait_for(lambda: (r := flow_run()).state.is_final() and r, 180, "the run scored again", every=0.5)
         silent = time.monotonic() - killed
     finally:
         workers.stop(batch_stack)
